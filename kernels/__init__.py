@@ -1,0 +1,1 @@
+"""Sparse weight formats and Triton GEMM kernels, installed as ``llmsparse.kernels``."""

@@ -1,0 +1,227 @@
+"""The layer walk shared by every method, OWL's scoring pass and any other layer-wise job.
+
+1. Capture what the first decoder layer receives (hidden states and every keyword argument: position
+   embeddings, masks) by running the model's front (embeddings) with a pre-hook that stops at layer 0.
+2. For each decoder layer: put only that layer on the execution device, let the visitor run calibration batches
+   through it with hooks (``LayerRun.collect``) and change its weights, then re-run the layer so the next one
+   sees the pruned outputs (``LayerRun.propagate``).
+
+The activation cache lives on ``cache_device`` (CPU when the execution device is short of memory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .models import find_decoder_layers
+from .stats import InputStats, StatsCollector
+
+
+class _Captured(Exception):
+    """Raised by the layer-0 pre-hook once its inputs are recorded, so the rest of the model never runs."""
+
+
+@dataclass
+class LayerInputs:
+    """The cached inputs of the current layer: one hidden-state tensor per batch, plus shared call arguments."""
+
+    hidden: list[torch.Tensor]
+    args: list[tuple]
+    kwargs: list[dict]
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+
+def _share_equal(value, previous):
+    """Reuse the previous batch's tensor when equal, so identical masks/embeddings are stored once."""
+    if isinstance(value, torch.Tensor) and isinstance(previous, torch.Tensor):
+        if value.shape == previous.shape and value.dtype == previous.dtype and torch.equal(value, previous):
+            return previous
+        return value
+    if isinstance(value, tuple) and isinstance(previous, tuple) and len(value) == len(previous):
+        shared = tuple(_share_equal(v, p) for v, p in zip(value, previous))
+        return previous if all(s is p for s, p in zip(shared, previous)) else shared
+    return value
+
+
+def _to(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+@contextlib.contextmanager
+def front_on_device(model: nn.Module, layers: nn.ModuleList, device):
+    """Move the modules outside the decoder stack (embeddings, rotary tables) to ``device`` for the capture.
+
+    Models dispatched by accelerate (``hf_device_map``) move their own weights through hooks and are left alone.
+    """
+    if getattr(model, "hf_device_map", None):
+        yield
+        return
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    moved = []
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        for store in (module._parameters, module._buffers):
+            for key, t in store.items():
+                if t is not None and t.device != torch.device(device):
+                    moved.append((t, t.data))
+                    t.data = t.data.to(device)
+    try:
+        yield
+    finally:
+        for t, original in moved:
+            t.data = original
+
+
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: Iterable[torch.Tensor], device,
+                         cache_device) -> LayerInputs:
+    """Run the model's front on each batch of token ids and record what layer 0 is called with."""
+    record: dict = {}
+
+    def pre_hook(module, args, kwargs):
+        record["args"], record["kwargs"] = args, kwargs
+        raise _Captured
+
+    inputs = LayerInputs([], [], [])
+    handle = layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        with front_on_device(model, layers, device):
+            for ids in batches:
+                try:
+                    model(input_ids=ids.to(device), use_cache=False)
+                except _Captured:
+                    pass
+                else:
+                    raise RuntimeError("the first decoder layer was never called: unsupported model structure")
+                args, kwargs = record["args"], dict(record["kwargs"])
+                hidden = args[0] if args else kwargs.pop("hidden_states")
+                rest = args[1:]
+                kwargs["use_cache"] = False
+                for key in ("past_key_values", "past_key_value", "layer_past"):
+                    if key in kwargs:
+                        kwargs[key] = None
+                if inputs.kwargs:
+                    kwargs = {k: _share_equal(v, inputs.kwargs[-1].get(k)) for k, v in kwargs.items()}
+                    rest = _share_equal(rest, inputs.args[-1])
+                inputs.hidden.append(hidden.detach().to(cache_device))
+                inputs.args.append(rest)
+                inputs.kwargs.append(kwargs)
+    finally:
+        handle.remove()
+    return inputs
+
+
+def _layer_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@contextlib.contextmanager
+def layer_on_device(layer: nn.Module, device):
+    """Materialise one decoder layer on the execution device for the duration of its visit."""
+    home = next((p.device for p in layer.parameters()), torch.device(device))
+    layer.to(device)
+    try:
+        yield layer
+    finally:
+        layer.to(home)
+
+
+@dataclass
+class LayerRun:
+    """One decoder layer on the device, with its cached inputs: what a visitor works with."""
+
+    index: int
+    name: str
+    layer: nn.Module
+    inputs: LayerInputs
+    device: torch.device
+    on_batch: Callable[[str, int, int], None] | None = None
+    _outputs: list | None = field(default=None, repr=False)
+    modified: bool = False
+
+    def forward(self, i: int) -> torch.Tensor:
+        """The layer's output for cached batch ``i`` (on the execution device)."""
+        hidden = self.inputs.hidden[i].to(self.device)
+        out = self.layer(hidden, *self.inputs.args[i], **self.inputs.kwargs[i])
+        return _layer_output(out)
+
+    def collect(self, modules: dict[str, nn.Module], needs, keep_outputs: bool = False) -> dict[str, InputStats]:
+        """Run every cached batch through the layer with hooks on ``modules``; return their input statistics.
+
+        Modules that received no token (an MoE expert never routed to) get empty statistics (``tokens == 0``).
+        With ``keep_outputs`` the outputs are kept, so ``propagate`` can reuse them if no weight changes.
+        """
+        outputs = [] if keep_outputs else None
+        collector = StatsCollector(modules, needs)
+        with collector:
+            for i in range(len(self.inputs)):
+                collector.new_batch()
+                out = self.forward(i)
+                if outputs is not None:
+                    outputs.append(out.to(self.inputs.hidden[i].device))
+                if self.on_batch:
+                    self.on_batch("calibrate", i + 1, len(self.inputs))
+        self._outputs = outputs
+        stats = collector.stats
+        for name, module in modules.items():
+            if name not in stats:
+                cols = module.weight.shape[1] if isinstance(module, nn.Linear) else module.weight.shape[0]
+                stats[name] = InputStats(cols, self.device, needs)
+        return stats
+
+    def propagate(self) -> None:
+        """Replace the cached inputs with this layer's outputs: the next layer's inputs."""
+        if self._outputs is not None and not self.modified:
+            self.inputs.hidden[:] = self._outputs
+        else:
+            for i in range(len(self.inputs)):
+                self.inputs.hidden[i] = self.forward(i).to(self.inputs.hidden[i].device)
+                if self.on_batch:
+                    self.on_batch("propagate", i + 1, len(self.inputs))
+        self._outputs = None
+
+
+def walk_layers(model: nn.Module, token_batches: Iterable[torch.Tensor], visit: Callable[[LayerRun], None], *,
+                device, cache_device=None, on_layer: Callable[[int, int], None] | None = None,
+                on_batch: Callable[[str, int, int], None] | None = None) -> None:
+    """Visit every decoder layer in order with the pruned outputs of the previous one.
+
+    ``visit(run)`` may call ``run.collect`` any number of times and must set ``run.modified`` when it changes
+    weights. ``on_layer(i, total)`` reports progress.
+    """
+    device = torch.device(device)
+    cache_device = torch.device(cache_device) if cache_device is not None else device
+    prefix, layers = find_decoder_layers(model)
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
+    try:
+        with torch.no_grad():
+            inputs = capture_layer_inputs(model, layers, token_batches, device, cache_device)
+            inputs.args = [_to(a, device) for a in inputs.args]
+            inputs.kwargs = [_to(k, device) for k in inputs.kwargs]
+            for index in range(len(layers)):
+                if on_layer:
+                    on_layer(index, len(layers))
+                with layer_on_device(layers[index], device) as layer:
+                    run = LayerRun(index, f"{prefix}.{index}", layer, inputs, device, on_batch)
+                    visit(run)
+                    if index + 1 < len(layers):
+                        run.propagate()
+    finally:
+        if use_cache is not None:
+            model.config.use_cache = use_cache
