@@ -1,0 +1,150 @@
+"""The ``llmsparse`` command line: parses arguments, calls the public API, prints. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import LlmsparseError
+
+DEMO = {"calib_note": "bundled TinyStories sample", "nsamples": 32, "seqlen": 128, "out": "stories260K-pruned"}
+
+
+def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("model", nargs=None if required else "?", default=None,
+                   help="hub id, local folder or .gguf file" + ("" if required else
+                        " (default: the bundled stories260K demo model)"))
+    p.add_argument("--gguf-file", default=None, help="GGUF file name inside the model folder or repo")
+    p.add_argument("--dtype", default="auto", help="auto (checkpoint's; float32 for GGUF), float32, bfloat16, float16")
+    p.add_argument("--device", default=None, help="execution device, e.g. cuda, cuda:1, cpu (default: cuda if present)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .methods import DEFAULT_METHOD, METHODS
+
+    parser = argparse.ArgumentParser(prog="llmsparse", description="Post-training sparsification of Hugging Face LLMs.")
+    parser.add_argument("--version", action="version", version=f"llmsparse {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model with calibration data and save it",
+                       description="Prune every Linear inside the decoder layers (embeddings and lm_head untouched).")
+    _add_model_args(p, required=False)
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS),
+                   help=f"pruning method (default {DEFAULT_METHOD}, the most accurate)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--sparsity", type=float, default=None, help="unstructured sparsity in [0, 1) (default 0.5)")
+    g.add_argument("--pattern", default=None, help="N:M pattern, e.g. 2:4 or 4:8 (at most N kept in every M inputs)")
+    p.add_argument("--calib", default=None,
+                   help="c4 | wikitext2 (from the hub) | PATH to .txt (one document) or .jsonl ('text' per line); "
+                        "default c4, or the bundled sample for the demo model")
+    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128; demo 32)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 2048; demo 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default 0)")
+    p.add_argument("--ignore", action="append", default=[], metavar="GLOB",
+                   help="leave modules matching this name glob dense (repeatable), e.g. '*.mlp.down_proj'")
+    p.add_argument("--calib-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block size (default 128)")
+    p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening, share of mean diag(H)")
+    p.add_argument("--out", default=None, help="output folder (default: <model name>-<method>-<pattern>)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress or summary")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("ppl", help="perplexity over non-overlapping windows of a text file")
+    _add_model_args(p, required=True)
+    p.add_argument("--text", required=True, help="text file, tokenised as one string")
+    p.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (default 2048)")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first K windows")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--json", action="store_true", help="print one JSON object (ppl, nll, tokens, windows, seqlen)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_ppl)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _default_out(model: str | None, method: str, pattern) -> str:
+    from pathlib import Path
+
+    if model is None:
+        return DEMO["out"]
+    name = Path(model.rstrip("/")).name.removesuffix(".gguf") or "model"
+    return f"{name}-{method}-{str(pattern).replace(':', 'of')}"
+
+
+def cmd_prune(args) -> int:
+    from .checkpoint import save_pruned
+    from .config import PruneConfig
+    from .models import DEMO_TEXT, load_model
+    from .outputs import check_output_dir
+    from .progress import say
+    from .pruner import prune
+
+    demo = args.model is None
+    config = PruneConfig(
+        method=args.method, sparsity=args.sparsity, pattern=args.pattern,
+        calib=args.calib or (str(DEMO_TEXT) if demo else "c4"),
+        nsamples=args.nsamples or (DEMO["nsamples"] if demo else 128),
+        seqlen=args.seqlen or (DEMO["seqlen"] if demo else 2048),
+        seed=args.seed, ignore=args.ignore, calib_batch_size=args.calib_batch_size,
+        blocksize=args.blocksize, percdamp=args.percdamp,
+    )
+    out = args.out or _default_out(args.model, args.method, config.parsed_pattern())
+    check_output_dir(out, args.overwrite)
+    verbose = not args.quiet
+    if demo:
+        say("no model given: pruning the bundled stories260K demo model on its bundled TinyStories sample", verbose)
+    model, tokenizer = load_model(args.model, gguf_file=args.gguf_file, dtype=args.dtype)
+    report = prune(model, tokenizer, config, device=args.device, progress=verbose)
+    manifest = {"model": args.model or "stories260K (bundled demo)", "gguf_file": args.gguf_file,
+                "dtype": str(next(model.parameters()).dtype), **report.to_json()}
+    save_pruned(model, tokenizer, out, manifest, overwrite=args.overwrite)
+    say(f"saved to {out}", verbose)
+    return 0
+
+
+def cmd_ppl(args) -> int:
+    from .data import read_text
+    from .models import load_model
+    from .perplexity import perplexity, tokenize_text
+    from .pruner import default_device
+
+    text = read_text(args.text)
+    model, tokenizer = load_model(args.model, gguf_file=args.gguf_file, dtype=args.dtype)
+    device = args.device or default_device()
+    model.to(device)
+    result = perplexity(model, tokenize_text(tokenizer, text), seqlen=args.seqlen, max_windows=args.max_windows,
+                        batch_size=args.batch_size, device=device)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(f"perplexity {result.ppl:.4f} over {result.windows} windows of {result.seqlen} tokens "
+              f"({result.tokens} predicted tokens)")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        from .progress import quiet_transformers
+
+        quiet_transformers()
+    try:
+        return args.func(args)
+    except LlmsparseError as e:
+        print(f"llmsparse: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmsparse: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
