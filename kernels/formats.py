@@ -234,7 +234,8 @@ class NMWeight:
         return {"values": self.values, "indices": self.indices}, meta
 
     @classmethod
-    def from_tensors(cls, tensors: dict, meta: dict) -> "NMWeight":
+    def from_tensors(cls, tensors: dict, meta: dict, check: bool = True) -> "NMWeight":
+        """Inverse of ``to_tensors``; shapes and dtypes are always checked (``check`` matters for bitmaps only)."""
         rows, cols = _check_meta(meta, cls.FORMAT)
         try:
             n, m = int(meta["n"]), int(meta["m"])
@@ -378,7 +379,8 @@ class BitmapWeight:
         return {"values": self.values, "bitmap": self.bitmap, "offsets": self.offsets}, meta
 
     @classmethod
-    def from_tensors(cls, tensors: dict, meta: dict) -> "BitmapWeight":
+    def from_tensors(cls, tensors: dict, meta: dict, check: bool = True) -> "BitmapWeight":
+        """Inverse of ``to_tensors``; ``check`` also scans the offsets against the bitmap (one pass over it)."""
         rows, cols = _check_meta(meta, cls.FORMAT)
         tr, tc = cls.check_tile(meta.get("tile", DEFAULT_TILE))
         values = _need(tensors, "values", dim=1)
@@ -389,6 +391,8 @@ class BitmapWeight:
             raise LlmsparseError(f"bitmap tensors have shapes {tuple(bitmap.shape)} and {tuple(offsets.shape)}, "
                                  f"expected {(rp, cp // 32)} and {(rp // tr, cp // tc)} for a {rows}x{cols} weight")
         weight = cls(values, bitmap, offsets, (rows, cols), (tr, tc))
+        if not check:
+            return weight
         counts = popcount(bitmap).view(rp // tr, tr, cp // tc, tc // 32).sum((1, 3)).flatten()
         starts = offsets.to(torch.int64).flatten()
         if starts.numel() and (bool((starts < 0).any()) or int((starts + counts).max()) > values.numel()
@@ -424,10 +428,10 @@ def compress(weight: torch.Tensor, mask: torch.Tensor | None = None, fmt: str = 
     raise LlmsparseError(f"unknown sparse format {fmt!r}: use 'bitmap' or N:M such as '2:4'")
 
 
-def from_tensors(tensors: dict, meta: dict) -> SparseWeight:
-    """Rebuild a format from ``to_tensors`` output (e.g. read back from a checkpoint)."""
+def from_tensors(tensors: dict, meta: dict, check: bool = True) -> SparseWeight:
+    """Rebuild a format from ``to_tensors`` output (e.g. read back from a checkpoint), validating it."""
     cls = FORMATS.get(meta.get("format"))
     if cls is None:
         raise LlmsparseError(f"unknown sparse format {meta.get('format')!r} in metadata: expected one of "
                              f"{', '.join(FORMATS)}")
-    return cls.from_tensors(tensors, meta)
+    return cls.from_tensors(tensors, meta, check)
