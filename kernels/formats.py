@@ -364,14 +364,15 @@ class BitmapWeight:
         return self.nnz() * self.values.element_size() + -(-rows * cols // 8)
 
     def to(self, device=None, dtype=None) -> "BitmapWeight":
-        """Move and/or cast; a cast to narrower elements re-packs so that tiles stay 16-byte aligned."""
-        moved = BitmapWeight(self.values.to(device=device), self.bitmap.to(device=device),
-                             self.offsets.to(device=device), self.shape, self.tile)
-        if dtype is None or dtype == self.dtype:
-            return moved
-        if self.alignment(self.dtype) % self.alignment(dtype) == 0:
-            return BitmapWeight(moved.values.to(dtype), moved.bitmap, moved.offsets, self.shape, self.tile)
-        return BitmapWeight.compress(moved.decompress().to(dtype), moved.keep_mask(), self.tile)
+        """Move and/or cast (re-packed when a narrower dtype would leave tiles off 16-byte boundaries)."""
+        return BitmapWeight(self.values.to(device=device, dtype=dtype), self.bitmap.to(device=device),
+                            self.offsets.to(device=device), self.shape, self.tile).aligned()
+
+    def aligned(self) -> "BitmapWeight":
+        """This weight if every tile starts 16-byte aligned for its current dtype, else a re-packed copy."""
+        if bool((self.offsets % self.alignment(self.dtype) == 0).all()):
+            return self
+        return BitmapWeight.compress(self.decompress(), self.keep_mask(), self.tile)
 
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
         """``({"values", "bitmap", "offsets"}, metadata)``: what a checkpoint stores for this weight."""

@@ -108,8 +108,16 @@ class SparseLinear(nn.Module):
         return linear
 
     def _apply(self, fn, *args, **kwargs):
-        self._dense = self._semi = None  # caches follow the buffers' new device or dtype by being rebuilt
-        return super()._apply(fn, *args, **kwargs)
+        """Casts and moves reach the buffers; caches are dropped and a bitmap re-packed if a cast misaligned it."""
+        self._dense = self._semi = None
+        out = super()._apply(fn, *args, **kwargs)
+        weight = self.weight_format
+        if isinstance(weight, BitmapWeight):
+            aligned = weight.aligned()
+            if aligned is not weight:
+                for name, tensor in aligned.to_tensors()[0].items():
+                    setattr(self, name, tensor)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight_format
