@@ -110,6 +110,17 @@ def check_targets(model: nn.Module, ignore) -> None:
         raise LlmsparseError("model has no prunable Linear layers in its decoder layers (or --ignore excludes all of them)")
 
 
+def targeted_sparsity(model: nn.Module, ignore=()) -> float:
+    """Share of exact zeros among the weights ``prune`` would target (every Linear in the decoder layers)."""
+    prefix, layers = find_decoder_layers(model)
+    zeros = total = 0
+    for i, layer in enumerate(layers):
+        for module in find_targets(layer, f"{prefix}.{i}", ignore).modules.values():
+            w = weight_matrix(module)
+            zeros, total = zeros + int((w == 0).sum()), total + w.numel()
+    return zeros / max(total, 1)
+
+
 def model_sparsity(model: nn.Module) -> float:
     """Share of exact zeros among all parameters of the model (embeddings included)."""
     total = zeros = 0
