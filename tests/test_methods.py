@@ -59,6 +59,14 @@ def test_nm_groups_exact_for_every_method(method, pattern):
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_layer_scope_exact_over_the_matrix(method):
+    w = torch.randn(24, 70)
+    keep = get_method(method, scope="layer").solve(w, stats_for(correlated_inputs(cols=70)), Pattern(sparsity=0.7)).keep
+    assert (~keep).sum().item() == pruned_count(24 * 70, 0.7)
+    assert (~keep).sum(1).unique().numel() > 1
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
 def test_row_methods_exact_per_row(method):
     w = torch.randn(24, 70)
     keep = get_method(method).solve(w, stats_for(correlated_inputs(cols=70)), Pattern(sparsity=0.7)).keep
@@ -68,10 +76,16 @@ def test_row_methods_exact_per_row(method):
 def test_sparsegpt_exact_per_block():
     w = torch.randn(20, 300)
     x = correlated_inputs(cols=300)
-    keep, new = sparsegpt_prune(w, stats_for(x, ["hessian"]).hessian(), Pattern(sparsity=0.6), blocksize=128)
+    h = stats_for(x, ["hessian"]).hessian()
+    keep, new = sparsegpt_prune(w, h, Pattern(sparsity=0.6), blocksize=128, scope="layer")
     for start in range(0, 300, 128):
         block = keep[:, start:start + 128]
         assert (~block).sum().item() == pruned_count(block.numel(), 0.6)
+    assert (new[~keep] == 0).all()
+    keep, new = sparsegpt_prune(w, h, Pattern(sparsity=0.6), blocksize=128, scope="row")
+    for start in range(0, 300, 128):
+        block = keep[:, start:start + 128]
+        assert ((~block).sum(1) == pruned_count(block.shape[1], 0.6)).all()
     assert (new[~keep] == 0).all()
 
 
@@ -93,7 +107,7 @@ def test_sparsegpt_reconstructs_better_than_wanda_and_magnitude(pattern):
 def test_sparsegpt_with_identity_hessian_is_blockwise_magnitude_without_update():
     """With H = I the OBS update vanishes and the saliency is w²: a block-global magnitude mask."""
     w = torch.randn(8, 64)
-    keep, new = sparsegpt_prune(w, torch.eye(64), Pattern(sparsity=0.5), blocksize=64)
+    keep, new = sparsegpt_prune(w, torch.eye(64), Pattern(sparsity=0.5), blocksize=64, scope="layer")
     order = w.abs().flatten().argsort()
     expected = torch.ones(w.numel(), dtype=torch.bool)
     expected[order[:256]] = False
