@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# Tests never reach the Hugging Face hub: every model and text comes from local files.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("LLMSPARSE_ASSETS", REPO.parent / "shared" / "assets"))
 STORIES = ASSETS / "models" / "stories260K" / "hf"
