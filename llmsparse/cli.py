@@ -30,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a model with calibration data and save it",
                        description="Prune every Linear inside the decoder layers (embeddings and lm_head untouched).")
     _add_model_args(p, required=False)
-    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS),
-                   help=f"pruning method (default {DEFAULT_METHOD}, the most accurate)")
+    p.add_argument("--method", default=DEFAULT_METHOD,
+                   help=f"{' | '.join(METHODS)} (default {DEFAULT_METHOD}, the most accurate)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--sparsity", type=float, default=None, help="unstructured sparsity in [0, 1) (default 0.5)")
     g.add_argument("--pattern", default=None, help="N:M pattern, e.g. 2:4 or 4:8 (at most N kept in every M inputs)")
@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default 0)")
     p.add_argument("--ignore", action="append", default=[], metavar="GLOB",
                    help="leave modules matching this name glob dense (repeatable), e.g. '*.mlp.down_proj'")
+    p.add_argument("--scope", default="row",
+                   help="comparison group of unstructured masks: row (same count per output row, default) or "
+                        "layer (whole matrix; SparseGPT: per column block, as in its paper)")
     p.add_argument("--calib-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block size (default 128)")
     p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening, share of mean diag(H)")
@@ -92,7 +95,7 @@ def cmd_prune(args) -> int:
         calib=args.calib or (str(DEMO_TEXT) if demo else "c4"),
         nsamples=args.nsamples or (DEMO["nsamples"] if demo else 128),
         seqlen=args.seqlen or (DEMO["seqlen"] if demo else 2048),
-        seed=args.seed, ignore=args.ignore, calib_batch_size=args.calib_batch_size,
+        seed=args.seed, ignore=args.ignore, calib_batch_size=args.calib_batch_size, scope=args.scope,
         blocksize=args.blocksize, percdamp=args.percdamp,
     )
     out = args.out or _default_out(args.model, args.method, config.parsed_pattern())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 from .errors import LlmsparseError
-from .masks import Pattern
+from .masks import SCOPES, Pattern
 from .methods import DEFAULT_METHOD, METHODS
 
 
@@ -22,6 +22,7 @@ class PruneConfig:
     seed: int = 0
     ignore: list[str] = field(default_factory=list)
     calib_batch_size: int = 1
+    scope: str = "row"
     blocksize: int = 128
     percdamp: float = 0.01
 
@@ -37,6 +38,8 @@ class PruneConfig:
             raise LlmsparseError(f"seqlen must be at least 2, got {self.seqlen}")
         if not (0 <= self.percdamp < 1):
             raise LlmsparseError(f"percdamp must be in [0, 1), got {self.percdamp!r}")
+        if self.scope not in SCOPES:
+            raise LlmsparseError(f"unknown scope {self.scope!r}: choose row or layer")
         self.ignore = list(self.ignore or [])
 
     def parsed_pattern(self) -> Pattern:

@@ -75,6 +75,9 @@ def sparsity_of(t: torch.Tensor) -> float:
     return (t == 0).float().mean().item()
 
 
+SCOPES = ("row", "layer")
+
+
 class Pattern:
     """A sparsity pattern: unstructured at a fraction, or N:M (at most N kept in every M consecutive inputs)."""
 
@@ -116,10 +119,13 @@ class Pattern:
             raise LlmsparseError("an N:M pattern has a fixed sparsity and cannot be rescaled per layer")
         return Pattern(sparsity=sparsity)
 
-    def select(self, scores: torch.Tensor) -> torch.Tensor:
-        """The keep mask for ``scores`` (per row when unstructured)."""
+    def select(self, scores: torch.Tensor, scope: str = "row") -> torch.Tensor:
+        """The keep mask for ``scores``. Unstructured counts are exact per row (``scope="row"``) or over the
+        whole tensor (``scope="layer"``); N:M ignores the scope."""
         if self.is_nm:
             return nm_mask(scores, self.n, self.m)
+        if scope == "layer":
+            return topk_global_mask(scores, self.sparsity)
         return topk_row_mask(scores, self.sparsity)
 
     def __str__(self) -> str:

@@ -44,6 +44,7 @@ class PruneReport:
     times: dict = field(default_factory=dict)
     memory: dict = field(default_factory=dict)
     model_sparsity: float = 0.0
+    method_options: dict = field(default_factory=dict)
 
     @property
     def targeted_params(self) -> int:
@@ -63,6 +64,7 @@ class PruneReport:
         return {
             "llmsparse_version": __version__,
             "settings": self.config.to_json(),
+            "method_options": self.method_options,
             "seed": self.config.seed,
             "device": self.device,
             "totals": {
@@ -110,6 +112,17 @@ def check_targets(model: nn.Module, ignore) -> None:
         raise LlmsparseError("model has no prunable Linear layers in its decoder layers (or --ignore excludes all of them)")
 
 
+def targeted_sparsity(model: nn.Module, ignore=()) -> float:
+    """Share of exact zeros among the weights ``prune`` would target (every Linear in the decoder layers)."""
+    prefix, layers = find_decoder_layers(model)
+    zeros = total = 0
+    for i, layer in enumerate(layers):
+        for module in find_targets(layer, f"{prefix}.{i}", ignore).modules.values():
+            w = weight_matrix(module)
+            zeros, total = zeros + int((w == 0).sum()), total + w.numel()
+    return zeros / max(total, 1)
+
+
 def model_sparsity(model: nn.Module) -> float:
     """Share of exact zeros among all parameters of the model (embeddings included)."""
     total = zeros = 0
@@ -135,7 +148,7 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | None = None, *
         raise LlmsparseError("give either a PruneConfig or keyword settings, not both")
     device = str(device or default_device())
     pattern = config.parsed_pattern()
-    method = get_method(config.method, blocksize=config.blocksize, percdamp=config.percdamp)
+    method = get_method(config.method, scope=config.scope, blocksize=config.blocksize, percdamp=config.percdamp)
     check_targets(model, config.ignore)
 
     started = time.perf_counter()
@@ -147,7 +160,7 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | None = None, *
                                           config.seed)
     else:
         check_seqlen(model, calibration.shape[1])
-    report = PruneReport(config=config, device=device)
+    report = PruneReport(config=config, device=device, method_options=method.options())
     report.times["calibration_data_s"] = round(time.perf_counter() - started, 3)
     bar = LayerProgress(f"{method.name} {pattern}", enabled=progress)
 

@@ -24,14 +24,21 @@ class Solution:
 
 
 class Method:
-    """Base class of pruning methods: ``needs`` statistics, ``solve`` a weight."""
+    """Base class of pruning methods: ``needs`` statistics, ``solve`` a weight.
+
+    ``scope`` is the comparison group of unstructured masks: ``"row"`` keeps the same count in every output row,
+    ``"layer"`` compares scores over the whole matrix (SparseGPT: over each column block, as in its paper).
+    """
 
     name: str = "base"
     needs: frozenset = frozenset()
+
+    def __init__(self, scope: str = "row"):
+        self.scope = scope
 
     def solve(self, weight: torch.Tensor, stats: InputStats | None, pattern: Pattern) -> Solution:
         raise NotImplementedError
 
     def options(self) -> dict:
         """The method's own settings, recorded in llmsparse.json."""
-        return {}
+        return {"scope": self.scope}

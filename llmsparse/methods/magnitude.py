@@ -9,4 +9,4 @@ class Magnitude(Method):
     name = "magnitude"
 
     def solve(self, weight, stats, pattern):
-        return Solution(pattern.select(weight.abs()))
+        return Solution(pattern.select(weight.abs(), self.scope))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..masks import nm_mask, topk_global_mask
+from ..masks import nm_mask
 from .base import Method, Solution
 
 
@@ -38,8 +38,12 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[to
 
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern, blocksize: int = 128,
-                    percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prune ``weight`` [out, in] with the Hessian of its inputs; returns (keep mask, updated weight)."""
+                    percdamp: float = 0.01, scope: str = "layer") -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune ``weight`` [out, in] with the Hessian of its inputs; returns (keep mask, updated weight).
+
+    Unstructured masks are chosen per column block over all rows (``scope="layer"``, the paper's choice) or with
+    the same count in every row of the block (``scope="row"``).
+    """
     W = weight.detach().clone().float()
     rows, cols = W.shape
     Hinv, dead = inverse_hessian_cholesky(hessian.float(), percdamp)
@@ -58,7 +62,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern, blocks
         if pattern.is_nm:
             keep1 = torch.ones_like(W1, dtype=torch.bool)
         else:
-            keep1 = topk_global_mask(W1.square() / d.square().unsqueeze(0), pattern.sparsity)
+            keep1 = pattern.select(W1.square() / d.square().unsqueeze(0), scope)
         for i in range(count):
             if pattern.is_nm and i % pattern.m == 0:
                 j = min(i + pattern.m, count)
@@ -81,7 +85,8 @@ class SparseGPT(Method):
     name = "sparsegpt"
     needs = frozenset({"hessian"})
 
-    def __init__(self, blocksize: int = 128, percdamp: float = 0.01):
+    def __init__(self, blocksize: int = 128, percdamp: float = 0.01, scope: str = "row"):
+        super().__init__(scope)
         self.blocksize = blocksize
         self.percdamp = percdamp
 
@@ -90,8 +95,8 @@ class SparseGPT(Method):
             hessian = torch.eye(weight.shape[1], device=weight.device)
         else:
             hessian = stats.hessian()
-        keep, new = sparsegpt_prune(weight, hessian, pattern, self.blocksize, self.percdamp)
+        keep, new = sparsegpt_prune(weight, hessian, pattern, self.blocksize, self.percdamp, self.scope)
         return Solution(keep, new)
 
     def options(self):
-        return {"blocksize": self.blocksize, "percdamp": self.percdamp}
+        return {"blocksize": self.blocksize, "percdamp": self.percdamp, "scope": self.scope}

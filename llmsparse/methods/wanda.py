@@ -18,5 +18,5 @@ class Wanda(Method):
 
     def solve(self, weight, stats, pattern):
         if stats is None or stats.tokens == 0:
-            return Solution(pattern.select(weight.abs()))
-        return Solution(pattern.select(wanda_scores(weight, stats.norms)))
+            return Solution(pattern.select(weight.abs(), self.scope))
+        return Solution(pattern.select(wanda_scores(weight, stats.norms), self.scope))

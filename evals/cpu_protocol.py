@@ -1,0 +1,200 @@
+"""The CPU protocol benchmark: SmolLM2-135M-Instruct pruned on 32×512 C4 windows, WikiText-2 perplexity.
+
+Each row runs in a fresh subprocess (so its peak RSS is its own), appends one JSON line to the results file, and
+rows already in that file are skipped: the grid resumes after an interruption. The table (with the reference
+implementations' figures from ../shared/PEERS.md where that row exists) is printed and written into BENCHMARKS.md.
+
+    python evals/cpu_protocol.py                 # the whole grid, resuming
+    python evals/cpu_protocol.py --rows wanda_50,sparsegpt_50
+    python evals/cpu_protocol.py --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.environ.get("LLMSPARSE_ASSETS", REPO.parent / "shared" / "assets"))
+GGUF = ASSETS / "models" / "smollm2-135m-instruct-q4_1" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+CALIB = ASSETS / "text" / "c4_en_train00000_first1000.jsonl"
+EVAL_TEXT = ASSETS / "text" / "wikitext2_raw_test_joined.txt"
+PEERS = REPO.parent / "shared" / "PEERS.md"
+RESULTS = REPO / "evals" / "results" / "cpu_protocol.jsonl"
+BENCHMARKS = REPO / "BENCHMARKS.md"
+PROTOCOL = {"nsamples": 32, "seqlen": 512, "seed": 0, "eval_windows": 80}
+
+
+# The reference implementations compare magnitude and SparseGPT scores over the whole matrix (SparseGPT: per
+# 128-column block) and Wanda's per output row; rows named as in PEERS.md use those scopes so that the ratio
+# column compares the same algorithm. Rows with "_row" use per-row comparison for every method.
+REFERENCE_SCOPE = {"magnitude": "layer", "wanda": "row", "sparsegpt": "layer"}
+
+
+def _grid() -> dict[str, dict]:
+    """Row name → prune settings (None for the dense model). Names follow PEERS.md where a peer row exists."""
+    rows: dict[str, dict | None] = {"dense": None}
+    targets = {"50": {"sparsity": 0.5}, "2of4": {"pattern": "2:4"}, "70": {"sparsity": 0.7},
+               "4of8": {"pattern": "4:8"}, "60": {"sparsity": 0.6}, "80": {"sparsity": 0.8}}
+    for target in ("50", "2of4", "70"):
+        for method in ("magnitude", "wanda", "sparsegpt"):
+            rows[f"{method}_{target}"] = {"method": method, "scope": REFERENCE_SCOPE[method], **targets[target]}
+    for target in ("50", "70"):
+        for method in ("magnitude", "sparsegpt"):
+            rows[f"{method}_row_{target}"] = {"method": method, "scope": "row", **targets[target]}
+    for target in ("4of8", "60", "80"):
+        for method in ("wanda", "sparsegpt"):
+            rows[f"{method}_{target}"] = {"method": method, "scope": REFERENCE_SCOPE[method], **targets[target]}
+    return rows
+
+
+GRID = _grid()
+
+
+def peer_figures() -> dict[str, dict]:
+    """The reference implementations' rows from PEERS.md (run → ppl, seconds, RSS), when the file is present."""
+    if not PEERS.exists():
+        return {}
+    out = {}
+    for line in PEERS.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 8 and re.fullmatch(r"[\d.]+", cells[4]):
+            out[cells[0]] = {"ppl": float(cells[4]), "seconds": float(cells[6]), "rss_mb": float(cells[7])}
+    return out
+
+
+def run_row(name: str) -> dict:
+    """Prune (unless dense) and evaluate one row in this process; returns its result."""
+    import resource
+
+    import torch
+
+    import llmsparse
+    from llmsparse.data import read_text
+    from llmsparse.perplexity import perplexity, tokenize_text
+    from llmsparse.progress import quiet_transformers
+    from llmsparse.pruner import targeted_sparsity
+
+    quiet_transformers()
+    settings = GRID[name]
+    model, tokenizer = llmsparse.load_model(str(GGUF))
+    result = {"row": name, "settings": settings, "protocol": PROTOCOL, "threads": torch.get_num_threads(),
+              "date": time.strftime("%Y-%m-%d"), "prune_s": 0.0, "sparsity": None}
+    if settings is not None:
+        report = llmsparse.prune(model, tokenizer, calib=str(CALIB), nsamples=PROTOCOL["nsamples"],
+                                 seqlen=PROTOCOL["seqlen"], seed=PROTOCOL["seed"], device="cpu", progress=False,
+                                 **settings)
+        result["prune_s"] = report.times["prune_s"]
+        result["sparsity"] = report.sparsity
+        result["layers"] = [round(layer["sparsity"], 4) for layer in report.layers]
+        result["extra"] = report.to_json().get("refinement") or report.to_json().get("allocation")
+    else:
+        result["sparsity"] = targeted_sparsity(model)
+    ids = tokenize_text(tokenizer, read_text(EVAL_TEXT))
+    t0 = time.perf_counter()
+    ppl = perplexity(model, ids, seqlen=PROTOCOL["seqlen"], max_windows=PROTOCOL["eval_windows"], device="cpu")
+    result.update(ppl=ppl.ppl, eval_tokens=ppl.tokens, eval_s=round(time.perf_counter() - t0, 1),
+                  peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    return result
+
+
+def load_results() -> dict[str, dict]:
+    if not RESULTS.exists():
+        return {}
+    return {r["row"]: r for r in (json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip())}
+
+
+def table(results: dict[str, dict]) -> str:
+    peers = peer_figures()
+    lines = ["| row | settings | ppl | peer ppl | ours / peer | sparsity | prune s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name in [n for n in GRID if n in results] + [n for n in results if n not in GRID]:
+        r = results[name]
+        peer = peers.get(name)
+        settings = "—" if r["settings"] is None else ", ".join(f"{k}={v}" for k, v in r["settings"].items())
+        ratio = f"{r['ppl'] / peer['ppl']:.3f}" if peer else "—"
+        lines.append(
+            f"| {name} | {settings} | {r['ppl']:.2f} | {peer['ppl'] if peer else '—'} | {ratio} | "
+            f"{r['sparsity']:.4f} | {r['prune_s']:.0f} | {r['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_benchmarks(results: dict[str, dict], command: str) -> None:
+    """Replace this benchmark's section of BENCHMARKS.md (between its markers) with the current table."""
+    begin, end = "<!-- cpu-protocol:begin -->", "<!-- cpu-protocol:end -->"
+    threads = sorted({r.get("threads") for r in results.values()})
+    section = "\n".join([
+        begin,
+        "## CPU protocol (issue 2): SmolLM2-135M-Instruct, 32×512 C4 calibration, WikiText-2 first 80×512 windows",
+        "",
+        f"Measured on this project's 2-core CPU machine (no GPU), torch threads {threads}, dates "
+        f"{sorted({r['date'] for r in results.values()})}. Command: `{command}`. Peer figures are from "
+        "../shared/PEERS.md (the reference implementations on the same protocol). Prune seconds are wall-clock "
+        "from the start of calibration to the end of pruning; other jobs shared the machine during some rows, so "
+        "treat times as rough. Peak RSS includes loading the GGUF model.",
+        "",
+        table(results),
+        end,
+    ])
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
+    if begin in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    BENCHMARKS.write_text(text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", default=None, help="comma-separated row names (default: the whole grid)")
+    p.add_argument("--list", action="store_true", help="list the rows and exit")
+    p.add_argument("--redo", action="store_true", help="run the rows again even if they have results")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.list:
+        for name, settings in GRID.items():
+            print(name, settings)
+        return 0
+    if args.one:
+        print(json.dumps(run_row(args.one)))
+        return 0
+    for path in (GGUF, CALIB, EVAL_TEXT):
+        if not path.exists():
+            print(f"missing asset {path} (set LLMSPARSE_ASSETS)", file=sys.stderr)
+            return 2
+    rows = args.rows.split(",") if args.rows else list(GRID)
+    unknown = [r for r in rows if r not in GRID]
+    if unknown:
+        print(f"unknown rows {unknown}; see --list", file=sys.stderr)
+        return 2
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    command = "python evals/cpu_protocol.py" + (f" --rows {args.rows}" if args.rows else "")
+    for name in rows:
+        if name in load_results() and not args.redo:
+            continue
+        print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
+        proc = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            return proc.returncode
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        with RESULTS.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+        print(f"    ppl {result['ppl']:.2f}  sparsity {result['sparsity']:.4f}  prune {result['prune_s']:.0f} s  "
+              f"rss {result['peak_rss_mb']:.0f} MB", flush=True)
+        write_benchmarks(load_results(), command)
+    results = load_results()
+    print(table(results))
+    write_benchmarks(results, command)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
