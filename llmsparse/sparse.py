@@ -181,7 +181,8 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         fmt = self.format_meta["format"]
-        name = f"{self.format_meta['n']}:{self.format_meta['m']}" if fmt == "nm" else f"bitmap{self.format_meta['tile']}"
+        meta = self.format_meta
+        name = f"{meta['n']}:{meta['m']}" if fmt == "nm" else f"bitmap{meta['tile']}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"format={name}, backend={self.backend}")
 
