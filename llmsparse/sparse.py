@@ -37,6 +37,9 @@ class SparseLinear(nn.Module):
     def __init__(self, weight: fmts.SparseWeight, bias: torch.Tensor | None = None, *, backend: str = "auto",
                  cusparselt="auto", cache_dense: bool = False):
         super().__init__()
+        if not isinstance(weight, (NMWeight, BitmapWeight)):
+            raise LlmsparseError(f"SparseLinear holds an NMWeight or BitmapWeight, got {type(weight).__name__}: "
+                                 f"use SparseLinear.from_linear for a Linear")
         if backend not in BACKENDS:
             raise LlmsparseError(f"unknown SparseLinear backend {backend!r}: use one of {', '.join(BACKENDS)}")
         self.out_features, self.in_features = weight.shape
@@ -153,15 +156,17 @@ class SparseLinear(nn.Module):
         if m <= SKINNY_MAX_M:
             return "triton"
         key = (weight.FORMAT, *weight.shape, str(x.dtype), str(x.device), _next_pow2(m))
-        if dispatch.decided(key):
-            return dispatch.decided(key)
-        candidates = {"triton": lambda: sparse_linear(x, weight, bias),
-                      "dense": lambda: F.linear(x, weight.decompress(), bias)}
-        if self._semi_candidate(weight):
-            candidates["cusparselt"] = lambda: F.linear(x, self._semi, bias)
-        choice = dispatch.choose(key, candidates)
-        if choice != "cusparselt":
-            self._semi = None
+        choice = dispatch.decided(key)
+        if choice is None:
+            candidates = {"triton": lambda: sparse_linear(x, weight, bias),
+                          "dense": lambda: F.linear(x, weight.decompress(), bias)}
+            if self._semi_candidate(weight):
+                candidates["cusparselt"] = lambda: F.linear(x, self._semi, bias)
+            choice = dispatch.choose(key, candidates)
+            if choice != "cusparselt":
+                self._semi = None
+        if choice == "dense" and torch.cuda.is_current_stream_capturing():
+            return "triton"  # decompressing synchronises, which a CUDA graph capture forbids
         return choice
 
     def _semi_candidate(self, weight) -> bool:
