@@ -162,7 +162,7 @@ class SparseLinear(nn.Module):
                           "dense": lambda: F.linear(x, weight.decompress(), bias)}
             if self._semi_candidate(weight):
                 candidates["cusparselt"] = lambda: F.linear(x, self._semi, bias)
-            choice = dispatch.choose(key, candidates)
+            choice = dispatch.choose(key, candidates, x.device)
             if choice != "cusparselt":
                 self._semi = None
         if choice == "dense" and torch.cuda.is_current_stream_capturing():
