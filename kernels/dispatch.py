@@ -64,7 +64,7 @@ def choose(key: tuple, candidates: dict[str, Callable[[], torch.Tensor]], device
     """The fastest candidate for ``key`` (timed now if unknown); ``default`` while a CUDA graph is being captured."""
     if key in _CHOICES:
         return _CHOICES[key][0]
-    if torch.cuda.is_current_stream_capturing():
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return default
     timings = {}
     for name, fn in candidates.items():
