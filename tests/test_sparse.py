@@ -232,3 +232,13 @@ def test_large_m_dispatch_keeps_the_fastest_backend_that_runs():
     seen = dict(calls)
     assert dispatch.choose(key, {"slow": slow, "fast": fast}, cpu) == "fast" and calls == seen  # cached, not re-timed
     assert dispatch.decided(key) == "fast" and dispatch.decided(("other",)) is None
+
+
+def test_forward_sees_buffers_replaced_after_the_first_call():
+    linear = pruned_linear(pattern="2:4", bias=False)
+    sparse = SparseLinear.from_linear(linear)
+    x = torch.randn(2, 100)
+    with torch.no_grad():
+        first = sparse(x)
+        sparse.values = sparse.values * 2
+        assert torch.allclose(sparse(x), 2 * first)
