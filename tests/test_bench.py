@@ -67,3 +67,20 @@ def test_e2e_bench_refuses_bad_arguments():
         bench_e2e.main(["--device", "cpu"])
     with pytest.raises(LlmsparseError, match="--patterns"):
         bench_e2e.main(["--tiny", "--patterns", "4:8"])
+
+
+def test_kernel_bench_reports_a_failing_column_and_exits_non_zero(monkeypatch, capsys):
+    from llmsparse.kernels import bench
+
+    real = bench.build_columns
+
+    def with_broken(*args, **kwargs):
+        def broken():
+            raise RuntimeError("no kernel image for this device")
+
+        return real(*args, **kwargs)[:1] + [dict(name="broken", bytes=1, ref=None, make=broken)]
+
+    monkeypatch.setattr(bench, "build_columns", with_broken)
+    assert bench.main(["--tiny", "--shapes", "32x64", "--m", "1", "--sparsities", "0.7", "--quiet"]) == 1
+    out = capsys.readouterr()
+    assert "RuntimeError: no kernel image for this device" in out.out and "FAILED COLUMNS" in out.err
