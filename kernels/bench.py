@@ -192,7 +192,9 @@ def main(argv=None) -> int:
         raise LlmsparseError("the real shapes need a CUDA GPU; on CPU run with --tiny")
     if args.shapes:
         try:
-            shapes = [(*(int(v) for v in s.lower().split("x")), s) for s in args.shapes.split(",")]
+            known = {(n, k): label for n, k, label in SHAPES}
+            shapes = [(n, k, known.get((n, k), f"{n}x{k}"))
+                      for n, k in (tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(","))]
         except ValueError:
             raise LlmsparseError(f"--shapes takes NxK pairs, e.g. 4096x4096, got {args.shapes!r}") from None
     else:
