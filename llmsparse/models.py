@@ -65,10 +65,26 @@ def resolve_source(source: str | os.PathLike | None, gguf_file: str | None = Non
     return src, gguf_file
 
 
-def load_model(source=None, *, gguf_file: str | None = None, dtype="auto", device_map=None,
-               trust_remote_code: bool = False, load_tokenizer: bool = True):
+def parse_max_memory(text: str | None) -> dict | None:
+    """``"0=70GiB,1=70GiB,cpu=200GiB"`` → accelerate's max_memory mapping."""
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not value.strip():
+            raise LlmsparseError(f"malformed --max-memory entry {part!r}: write DEVICE=SIZE, e.g. 0=70GiB,cpu=200GiB")
+        key = key.strip()
+        out[int(key) if key.isdigit() else key] = value.strip()
+    return out
+
+
+def load_model(source=None, *, gguf_file: str | None = None, dtype="auto", device_map=None, max_memory=None,
+               offload_folder=None, trust_remote_code: bool = False, load_tokenizer: bool = True):
     """Load a causal LM and its tokenizer from a hub id, a local folder or a GGUF file.
 
+    ``device_map`` (e.g. ``"auto"``, with ``max_memory`` and ``offload_folder``) lets accelerate spread a model over
+    several GPUs, CPU memory and disk; the pruning engine then materialises one decoder layer at a time.
     GGUF weights are dequantised by transformers into plain tensors (float32 unless ``dtype`` says otherwise) and
     the quantizer marker is dropped so that the pruned model can be saved with ``save_pretrained``.
     """
@@ -83,6 +99,10 @@ def load_model(source=None, *, gguf_file: str | None = None, dtype="auto", devic
         kwargs["gguf_file"] = gguf
     if device_map is not None:
         kwargs["device_map"] = device_map
+        if max_memory:
+            kwargs["max_memory"] = max_memory
+        if offload_folder:
+            kwargs["offload_folder"] = str(offload_folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
         tokenizer = None
