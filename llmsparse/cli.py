@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scope", default="row",
                    help="comparison group of unstructured masks: row (same count per output row, default) or "
                         "layer (whole matrix; SparseGPT: per column block, as in its paper)")
+    p.add_argument("--expert-calibration", default="routed",
+                   help="MoE experts: routed (each expert's statistics from the tokens routed to it; an expert given "
+                        "fewer than 64 tokens uses all tokens) or all (every expert sees every token)")
     p.add_argument("--calib-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block size (default 128)")
     p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening, share of mean diag(H)")
@@ -109,6 +112,7 @@ def cmd_prune(args) -> int:
         nsamples=args.nsamples or (DEMO["nsamples"] if demo else 128),
         seqlen=args.seqlen or (DEMO["seqlen"] if demo else 2048),
         seed=args.seed, ignore=args.ignore, calib_batch_size=args.calib_batch_size, scope=args.scope,
+        expert_calibration=args.expert_calibration,
         blocksize=args.blocksize, percdamp=args.percdamp,
     )
     out = args.out or _default_out(args.model, args.method, config.parsed_pattern())

@@ -18,9 +18,12 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .models import find_decoder_layers
+from .models import find_decoder_layers, weight_matrix
 from .offload import DiskStore, MemoryStore, home_device, is_dispatched, layer_on_device
 from .stats import InputStats, StatsCollector
+
+
+MIN_EXPERT_TOKENS = 64
 
 
 class _Captured(Exception):
@@ -162,6 +165,7 @@ class LayerRun:
     device: torch.device
     on_batch: Callable[[str, int, int], None] | None = None
     _outputs: list | None = field(default=None, repr=False)
+    _last_collector: StatsCollector | None = field(default=None, repr=False)
     modified: bool = False
 
     def forward(self, i: int) -> torch.Tensor:
@@ -170,16 +174,31 @@ class LayerRun:
         args, kwargs = self.inputs.call_args(i, self.device)
         return _layer_output(self.layer(hidden, *args, **kwargs))
 
-    def collect(self, modules: dict[str, nn.Module], needs, keep_outputs: bool = False) -> dict[str, InputStats]:
+    def collect(self, modules: dict, needs, keep_outputs: bool = False,
+                all_expert_tokens: bool = False) -> dict[str, InputStats]:
         """Run every cached batch through the layer with hooks on ``modules``; return their input statistics.
 
-        Modules that received no token (an MoE expert never routed to) get empty statistics (``tokens == 0``).
+        Fused MoE experts get statistics from the tokens routed to them; an expert routed fewer than
+        ``MIN_EXPERT_TOKENS`` tokens (or every expert, with ``all_expert_tokens``) is calibrated on all tokens.
         With ``keep_outputs`` the outputs are kept, so ``propagate`` can reuse them if no weight changes.
         """
+        stats = self._collect(modules, needs, keep_outputs, all_expert_tokens)
+        starved = {name: t for hook in self._last_collector.experts for e in hook.starved(MIN_EXPERT_TOKENS)
+                   for name, t in modules.items() if getattr(t, "experts", None) is hook.module
+                   and t.expert == e} if not all_expert_tokens else {}
+        if starved:
+            stats.update(self._collect(starved, needs, False, True))
+        for name, module in modules.items():
+            if name not in stats:
+                stats[name] = InputStats(weight_matrix(module).shape[1], self.device, needs)
+        return stats
+
+    def _collect(self, modules: dict, needs, keep_outputs: bool, all_expert_tokens: bool) -> dict[str, InputStats]:
         if self._outputs is not None:
             self._outputs.close()
         outputs = self.inputs.hidden.fresh() if keep_outputs else None
-        collector = StatsCollector(modules, needs)
+        collector = StatsCollector(modules, needs, all_expert_tokens)
+        self._last_collector = collector
         with collector:
             for i in range(len(self.inputs)):
                 collector.new_batch()
@@ -188,13 +207,9 @@ class LayerRun:
                     outputs.append(out.to(self.inputs.cache_device))
                 if self.on_batch:
                     self.on_batch("calibrate", i + 1, len(self.inputs))
-        self._outputs = outputs
-        stats = collector.stats
-        for name, module in modules.items():
-            if name not in stats:
-                cols = module.weight.shape[1] if isinstance(module, nn.Linear) else module.weight.shape[0]
-                stats[name] = InputStats(cols, self.device, needs)
-        return stats
+        if keep_outputs:
+            self._outputs = outputs
+        return collector.stats
 
     def propagate(self) -> None:
         """Replace the cached inputs with this layer's outputs: the next layer's inputs."""

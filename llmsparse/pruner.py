@@ -201,7 +201,8 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | None = None, *
         report.skipped.update(targets.skipped)
         zeros = params = 0
         if targets.modules:
-            stats = run.collect(targets.modules, method.needs)
+            stats = run.collect(targets.modules, method.needs,
+                                all_expert_tokens=config.expert_calibration == "all")
             for name, module in targets.modules.items():
                 weight = weight_matrix(module).detach().float()
                 solution = method.solve(weight, stats[name], pattern)
