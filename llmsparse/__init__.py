@@ -9,3 +9,6 @@ from .models import load_model  # noqa: E402
 from .pruner import PruneReport, prune  # noqa: E402
 
 __all__ = ["__version__", "prune", "PruneConfig", "PruneReport", "Pattern", "load_model", "LlmsparseError"]
+from .sparse import SparseLinear, SparsifyReport, densify, sparsify  # noqa: E402
+
+__all__ += ["SparseLinear", "SparsifyReport", "sparsify", "densify"]

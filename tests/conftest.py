@@ -11,6 +11,10 @@ import torch
 # Tests never reach the Hugging Face hub: every model and text comes from local files.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+if not torch.cuda.is_available():
+    # Triton kernels run in its CPU interpreter; must be set before any module decorates a kernel.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("LLMSPARSE_ASSETS", REPO.parent / "shared" / "assets"))
 STORIES = ASSETS / "models" / "stories260K" / "hf"
