@@ -151,7 +151,7 @@ def finetune(model: nn.Module, tokenizer, documents: Sequence[str], *, steps: in
             lr_scheduler_type="cosine", warmup_steps=max(0, int(0.05 * steps)) if warmup_steps is None else warmup_steps,
             max_grad_norm=max_grad_norm, logging_steps=log_every, save_strategy="no", report_to="none",
             seed=seed, data_seed=seed, disable_tqdm=not progress, use_cpu=device == "cpu",
-            dataloader_num_workers=0,
+            dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
         )
         trainer = Trainer(model=trained, args=args, train_dataset=_Blocks(blocks))
         trainer.callback_handler.callbacks.insert(0, callback)

@@ -232,3 +232,77 @@ def test_refusals(pruned, text_ids, tmp_path):
     with pytest.raises(LlmsparseError, match="N:M"):
         SparsityCallback({"modules": dict.fromkeys(sparse_targets(pruned)), "settings": {"pattern": {"type": "n:m"}}},
                          schedule=PruneAndGrow(end_step=5)).setup(pruned)
+
+
+def test_cli_finetune_writes_a_pruned_folder(tmp_path):
+    from llmsparse.cli import main
+
+    sample = str(need(TEXT) / "tinystories_sample.txt")
+    src, out = tmp_path / "pruned", tmp_path / "tuned"
+    assert main(["prune", str(need(STORIES)), "--method", "wanda", "--sparsity", "0.5", "--calib", sample,
+                 "--nsamples", "8", "--seqlen", "64", "--out", str(src), "--quiet"]) == 0
+    assert main(["finetune", str(src), "--data", sample, "--steps", "6", "--seqlen", "64", "--batch-size", "4",
+                 "--grad-accum", "2", "--lr", "3e-3", "--out", str(out), "--quiet"]) == 0
+    before, _ = load_model(str(src))
+    after, _ = load_model(str(out))
+    old, new = zeros_of(before), zeros_of(after)
+    assert all(torch.equal(old[n], new[n]) for n in old)
+    changed = sum(int((a.weight != b.weight).sum()) for a, b in zip(sparse_targets(before).values(),
+                                                                     sparse_targets(after).values()))
+    assert changed > 0
+    source_manifest = json.loads((src / "llmsparse.json").read_text())
+    manifest = json.loads((out / "llmsparse.json").read_text())
+    assert manifest["settings"] == source_manifest["settings"] and manifest["modules"] == source_manifest["modules"]
+    tuned = manifest["finetune"]
+    assert tuned["steps"] == 6 and tuned["grad_accum"] == 2 and tuned["data"] == sample
+    assert tuned["sparsity_after"] == pytest.approx(source_manifest["totals"]["sparsity"])
+    assert tuned["loss_last"] < tuned["loss_first"]
+    assert {p.name for p in src.iterdir()} == {p.name for p in out.iterdir()}
+
+
+def test_cli_finetune_lora_and_bad_input(tmp_path, pruned, capsys):
+    from llmsparse.checkpoint import save_pruned
+    from llmsparse.cli import main
+
+    _, tokenizer = load_model(str(need(STORIES)))
+    src, out = tmp_path / "pruned", tmp_path / "tuned"
+    save_pruned(pruned, tokenizer, src)  # no manifest: masks come from the zeros
+    sample = str(need(TEXT) / "tinystories_sample.txt")
+    assert main(["finetune", str(src), "--data", str(tmp_path / "missing.txt"), "--steps", "2",
+                 "--out", str(out), "--quiet"]) == 2
+    assert "llmsparse: error:" in capsys.readouterr().err and not out.exists()
+    assert main(["finetune", str(src), "--data", sample, "--steps", "3", "--seqlen", "64", "--lora", "4",
+                 "--lr", "1e-2", "--out", str(out), "--quiet"]) == 0
+    after, _ = load_model(str(out))
+    old, new = zeros_of(pruned), zeros_of(after)
+    assert all(torch.equal(old[n], new[n]) for n in old)
+    manifest = json.loads((out / "llmsparse.json").read_text())
+    assert manifest["finetune"]["lora"]["rank"] == 4
+    assert not any("lora" in k for k in load_file(out / "model.safetensors"))
+    assert any(not torch.equal(a.weight, b.weight) for a, b in zip(sparse_targets(pruned).values(),
+                                                                   sparse_targets(after).values()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["keep", "grow"])
+def test_data_parallel_two_processes(mode, tmp_path):
+    """Two CPU processes under accelerate's DDP (gloo): zeros kept (or counts kept and masks moved), and both
+    ranks end with identical weights, so prune-and-grow used the all-reduced gradient."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "ddp.json"
+    worker = Path(__file__).with_name("ddp_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker),
+           str(need(STORIES)), str(need(TEXT) / "tinystories_sample.txt"), str(out), mode]
+    subprocess.run(cmd, check=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
+                   stdout=subprocess.DEVNULL)
+    result = json.loads(out.read_text())
+    assert result["wrapped"] == "DistributedDataParallel" and result["world"] == 2
+    assert result["before"] == result["after"] and result["ranks_agree"]
+    if mode == "keep":
+        assert result["same_positions"] and result["changes"] == 0
+    else:
+        assert not result["same_positions"] and result["changes"] > 0
