@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import LlmsparseError
-from .masks import Pattern, check_sparsity, nm_mask, topk_global_mask, topk_row_mask
+from .masks import SCOPES, Pattern, check_sparsity, nm_mask, topk_global_mask, topk_row_mask
 
 SCORES = ("magnitude", "wanda")
 
@@ -36,6 +36,8 @@ class GradualPruning:
     Between pruning steps the sparsity stays at the last pruning step's value. ``pattern="2:4"`` (N:M) fixes
     the final sparsity to 1 − N/M and makes the last step land exactly on the N:M pattern. ``score`` is
     ``"magnitude"`` (|W|) or ``"wanda"`` (|W| · ‖X_j‖ over the inputs seen since the previous pruning step).
+    ``scope``: unstructured counts exact per output row (``"row"``, as Wanda) or per module (``"layer"``, as
+    Zhu & Gupta).
     """
 
     end_step: int
@@ -45,6 +47,7 @@ class GradualPruning:
     frequency: int = 10
     score: str = "magnitude"
     pattern: str | None = None
+    scope: str = "row"
 
     def __post_init__(self):
         _check_step("start_step", self.start_step)
@@ -58,6 +61,8 @@ class GradualPruning:
         if self.initial_sparsity > self.final_sparsity:
             raise LlmsparseError(f"initial_sparsity {self.initial_sparsity} exceeds the final sparsity "
                                  f"{self.final_sparsity}: gradual pruning only adds zeros")
+        if self.scope not in SCOPES:
+            raise LlmsparseError(f"unknown scope {self.scope!r}: choose one of {', '.join(SCOPES)}")
         if self.score not in SCORES:
             raise LlmsparseError(f"unknown score {self.score!r}: choose one of {', '.join(SCORES)}")
         if self.score == "wanda" and self.start_step == 0 and self.initial_sparsity > 0:
@@ -89,7 +94,8 @@ class GradualPruning:
     def to_json(self) -> dict:
         return {"kind": "gradual", "start_step": self.start_step, "end_step": self.end_step,
                 "frequency": self.frequency, "initial_sparsity": self.initial_sparsity,
-                "final_sparsity": self.final_sparsity, "pattern": self.target.to_json(), "score": self.score}
+                "final_sparsity": self.final_sparsity, "pattern": self.target.to_json(), "score": self.score,
+                "scope": self.scope}
 
 
 @dataclass
@@ -123,9 +129,10 @@ class PruneAndGrow:
                 "fraction": self.fraction}
 
 
-def gradual_keep(scores: torch.Tensor, keep: torch.Tensor, sparsity: float, pattern: Pattern) -> torch.Tensor:
-    """The keep mask at ``sparsity`` for [out, in] ``scores``, selected per output row; never revives a pruned
-    weight (``keep`` False stays False).
+def gradual_keep(scores: torch.Tensor, keep: torch.Tensor, sparsity: float, pattern: Pattern,
+                 scope: str = "row") -> torch.Tensor:
+    """The keep mask at ``sparsity`` for [out, in] ``scores``, counted per output row (or over the whole tensor
+    with ``scope="layer"``, unstructured only); never revives a pruned weight (``keep`` False stays False).
 
     For an N:M ``pattern`` only weights that the N:M selection would drop are candidates, and the share of them
     pruned is ``sparsity / pattern.sparsity``: intermediate steps reach ``sparsity`` (for widths divisible by M)
@@ -138,6 +145,8 @@ def gradual_keep(scores: torch.Tensor, keep: torch.Tensor, sparsity: float, patt
         candidates = cols - int(protected[0].sum())
         count = round(candidates * min(sparsity / pattern.sparsity, 1.0))
         scores = scores.masked_fill(protected, float("inf"))
+    elif scope == "layer":
+        return topk_global_mask(scores, sparsity) & keep
     else:
         count = round(cols * sparsity)
     return topk_row_mask(scores, count / cols) & keep

@@ -204,6 +204,7 @@ class SparsityCallback(TrainerCallback):
         manifest = read_manifest(self.source) if self.source is not None else _model_manifest(model)
         self.masks = masks_from_model(model, manifest, self.ignore)
         if isinstance(self.schedule, GradualPruning):
+            self._layers = find_decoder_layers(unwrap_model(model))[1]
             self._targets = sparse_targets(model, self.ignore)
             for name, module in self._targets.items():
                 if name not in self.masks:
@@ -301,7 +302,7 @@ class SparsityCallback(TrainerCallback):
                 scores = wanda_scores(weight.float(), module_stats.norms)
             else:
                 scores = weight.abs()
-            keep = gradual_keep(scores, mask.matrix(mask.keep), sparsity, self.schedule.target)
+            keep = gradual_keep(scores, mask.matrix(mask.keep), sparsity, self.schedule.target, self.schedule.scope)
             self._record(mask, keep, optimizer)
         self._stats = None
 
@@ -321,16 +322,23 @@ class SparsityCallback(TrainerCallback):
             self._record(mask, keep, optimizer)
 
     def _start_collecting(self) -> None:
+        """Wanda's input norms: forward hooks on the targets; each decoder layer's forward starts a new batch
+        for the collector (shared inputs are recognised within one layer call, and nothing is held longer)."""
         if self._collecting:
             return
         if self._stats is None:
             self._stats = StatsCollector(self._targets, {"norms"})
         self._stats.__enter__()
+        self._layer_hooks = [layer.register_forward_pre_hook(lambda module, args: self._stats.new_batch())
+                             for layer in self._layers]
         self._collecting = True
 
     def _stop_collecting(self) -> None:
         if self._collecting:
             self._stats.__exit__(None, None, None)
+            self._stats.new_batch()
+            for handle in self._layer_hooks:
+                handle.remove()
             self._collecting = False
 
     # ----- reporting ---------------------------------------------------------------------------------------

@@ -70,6 +70,18 @@ def test_gradual_keep_unstructured_counts_and_never_revives():
         assert (scores[r][old[r] & ~keep[r]] <= cut).all() and (scores[r][keep[r]] > cut).all()
 
 
+def test_gradual_keep_layer_scope_counts_over_the_tensor():
+    scores = torch.rand(6, 40)
+    old = torch.ones(6, 40, dtype=torch.bool)
+    old[0, :20] = False  # one row already half pruned
+    keep = gradual_keep(scores, old, 0.3, Pattern(sparsity=0.3), scope="layer")
+    assert int((~keep).sum()) == round(240 * 0.3) and not (keep & ~old).any()
+    alive = scores[old & keep]
+    assert alive.min() > scores[old & ~keep].max()
+    with pytest.raises(LlmsparseError):
+        GradualPruning(final_sparsity=0.5, end_step=4, scope="column")
+
+
 def test_gradual_keep_nm_intermediate_and_final():
     scores = torch.rand(5, 32)
     old = torch.ones(5, 32, dtype=torch.bool)
