@@ -16,7 +16,7 @@ __all__ += ["SparseLinear", "SparsifyReport", "sparsify", "densify"]
 __all__ += ["SparsityCallback", "GradualPruning", "PruneAndGrow", "merge_lora", "finetune"]
 
 # Training pulls in transformers' Trainer (and peft through it): imported on first use, not with the package.
-_LAZY = {"SparsityCallback": "training", "merge_lora": "training", "finetune": "finetune"}
+_LAZY = {"SparsityCallback": "training", "merge_lora": "training", "finetune": "finetuning"}
 
 
 def __getattr__(name):

@@ -175,7 +175,7 @@ def cmd_ppl(args) -> int:
 def cmd_finetune(args) -> int:
     from .checkpoint import save_pruned
     from .data import load_documents
-    from .finetune import finetune
+    from .finetuning import finetune
     from .models import load_model
     from .outputs import check_output_dir
     from .progress import say
