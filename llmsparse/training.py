@@ -190,6 +190,7 @@ class SparsityCallback(TrainerCallback):
         self.total_changes = 0
         self._capture = False
         self._stats: StatsCollector | None = None
+        self._layer_hooks: list = []
         self._collecting = False
 
     # ----- setup -------------------------------------------------------------------------------------------
