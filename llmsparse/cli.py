@@ -77,6 +77,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object (ppl, nll, tokens, windows, seqlen)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_ppl)
+
+    p = sub.add_parser("finetune", help="fine-tune a pruned model with the Trainer, keeping its zeros",
+                       description="Fine-tune a pruned folder on local text; pruned weights stay exactly zero. "
+                                   "Writes the same folder layout as prune, with a 'finetune' section in llmsparse.json.")
+    _add_model_args(p, required=True)
+    p.add_argument("--data", required=True, help="training text: PATH to .txt (one document) or .jsonl ('text' per line)")
+    p.add_argument("--steps", type=int, required=True, help="optimizer updates")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per training block (default 512, capped to the model's)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW, cosine decay; default 1e-4)")
+    p.add_argument("--batch-size", type=int, default=1, help="blocks per micro-batch (default 1)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (default 1)")
+    p.add_argument("--lora", type=int, default=None, metavar="RANK",
+                   help="train LoRA adapters of this rank instead of the weights, merged under the masks at the end")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress or summary")
+    p.set_defaults(func=cmd_finetune)
     return parser
 
 
@@ -151,6 +169,29 @@ def cmd_ppl(args) -> int:
     else:
         print(f"perplexity {result.ppl:.4f} over {result.windows} windows of {result.seqlen} tokens "
               f"({result.tokens} predicted tokens)")
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from .checkpoint import save_pruned
+    from .data import load_documents
+    from .finetuning import finetune
+    from .models import load_model
+    from .outputs import check_output_dir
+    from .progress import say
+    from .training import read_manifest
+
+    check_output_dir(args.out, args.overwrite)
+    manifest = read_manifest(args.model) or {}
+    documents = load_documents(args.data)
+    model, tokenizer = load_model(args.model, gguf_file=args.gguf_file, dtype=args.dtype)
+    model, report = finetune(model, tokenizer, documents, steps=args.steps, seqlen=args.seqlen, lr=args.lr,
+                             batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed, lora=args.lora,
+                             manifest=manifest or None, device=args.device, progress=not args.quiet)
+    save_pruned(model, tokenizer, args.out, {**manifest, "finetune": {**report.to_json(), "data": args.data}},
+                overwrite=args.overwrite)
+    say(report.summary(), not args.quiet)
+    say(f"saved to {args.out}", not args.quiet)
     return 0
 
 
