@@ -21,7 +21,8 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .methods import DEFAULT_METHOD, METHODS
+    from .allocation import ALLOCATIONS
+    from .methods import DEFAULT_METHOD, METHODS, REFINERS
 
     parser = argparse.ArgumentParser(prog="llmsparse", description="Post-training sparsification of Hugging Face LLMs.")
     parser.add_argument("--version", action="version", version=f"llmsparse {_version()}")
@@ -49,6 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block size (default 128)")
     p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening, share of mean diag(H)")
+    p.add_argument("--allocation", default="uniform", choices=list(ALLOCATIONS),
+                   help="sparsity per decoder layer: uniform, or owl (less sparsity where activation outliers are; "
+                        "unstructured only)")
+    p.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold: scores above M x the layer mean")
+    p.add_argument("--owl-lambda", type=float, default=0.08,
+                   help="OWL: layer sparsities stay within target +- lambda (default 0.08)")
+    p.add_argument("--refine", default=None, choices=list(REFINERS),
+                   help="refine each mask after the method: dsnot (training-free prune-and-grow)")
+    p.add_argument("--refine-max-cycles", type=int, default=50, help="DSnoT: at most this many swaps per row")
+    p.add_argument("--refine-threshold", type=float, default=0.1,
+                   help="DSnoT: a row stops once |its expected output error| (per token) is at most this")
+    p.add_argument("--refine-var-power", type=float, default=1.0,
+                   help="DSnoT: regrowth ranks W_ij*E[x_j] / Var(x_j)^power")
     p.add_argument("--out", default=None, help="output folder (default: <model name>-<method>-<pattern>)")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress or summary")
@@ -96,9 +110,12 @@ def cmd_prune(args) -> int:
         nsamples=args.nsamples or (DEMO["nsamples"] if demo else 128),
         seqlen=args.seqlen or (DEMO["seqlen"] if demo else 2048),
         seed=args.seed, ignore=args.ignore, calib_batch_size=args.calib_batch_size, scope=args.scope,
-        blocksize=args.blocksize, percdamp=args.percdamp,
+        blocksize=args.blocksize, percdamp=args.percdamp, allocation=args.allocation, owl_m=args.owl_m,
+        owl_lambda=args.owl_lambda, refine=args.refine, refine_max_cycles=args.refine_max_cycles,
+        refine_threshold=args.refine_threshold, refine_var_power=args.refine_var_power,
     )
-    out = args.out or _default_out(args.model, args.method, config.parsed_pattern())
+    recipe = args.method + ("-owl" if args.allocation == "owl" else "") + (f"-{args.refine}" if args.refine else "")
+    out = args.out or _default_out(args.model, recipe, config.parsed_pattern())
     check_output_dir(out, args.overwrite)
     verbose = not args.quiet
     if demo:

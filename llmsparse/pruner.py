@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
 from dataclasses import dataclass, field
@@ -10,12 +11,13 @@ import torch
 from torch import nn
 
 from . import __version__
+from .allocation import plan_layers
 from .config import PruneConfig
 from .data import calibration_windows, load_documents
 from .engine import LayerRun, walk_layers
 from .errors import LlmsparseError
 from .masks import sparsity_of
-from .methods import get_method
+from .methods import get_method, get_refiner
 from .models import find_decoder_layers, find_targets, max_positions, set_weight_matrix, weight_matrix
 from .progress import LayerProgress, say
 
@@ -45,6 +47,8 @@ class PruneReport:
     memory: dict = field(default_factory=dict)
     model_sparsity: float = 0.0
     method_options: dict = field(default_factory=dict)
+    allocation: dict = field(default_factory=dict)
+    refinement: dict | None = None
 
     @property
     def targeted_params(self) -> int:
@@ -73,6 +77,8 @@ class PruneReport:
                 "sparsity": self.sparsity,
                 "model_sparsity": self.model_sparsity,
             },
+            "allocation": self.allocation,
+            "refinement": self.refinement,
             "layers": self.layers,
             "modules": self.modules,
             "skipped": self.skipped,
@@ -83,14 +89,22 @@ class PruneReport:
 
     def summary(self) -> str:
         """A per-layer table and the totals, for the terminal."""
-        lines = [f"{'layer':>5}  {'modules':>7}  {'sparsity':>8}  {'seconds':>7}"]
+        lines = [f"{'layer':>5}  {'modules':>7}  {'target':>8}  {'sparsity':>8}  {'seconds':>7}"]
         for layer in self.layers:
-            lines.append(f"{layer['index']:>5}  {layer['modules']:>7}  {layer['sparsity']:>8.4f}  {layer['seconds']:>7.1f}")
+            lines.append(f"{layer['index']:>5}  {layer['modules']:>7}  {layer['target_sparsity']:>8.4f}  "
+                         f"{layer['sparsity']:>8.4f}  {layer['seconds']:>7.1f}")
         lines.append(
             f"pruned {self.pruned_params:,} of {self.targeted_params:,} targeted weights "
             f"(sparsity {self.sparsity:.4f}; whole model {self.model_sparsity:.4f}) with {self.config.method} "
             f"{self.config.parsed_pattern()} in {self.times.get('prune_s', 0):.1f} s, seed {self.config.seed}"
         )
+        if self.allocation.get("name", "uniform") != "uniform":
+            targets = self.allocation["layer_targets"]
+            lines.append(f"allocation {self.allocation['name']}: layer targets {min(targets):.4f} to {max(targets):.4f}")
+        if self.refinement:
+            r = self.refinement
+            lines.append(f"refinement {r['name']}: {r['swaps']:,} swaps, output error {r['error_before']:.4g} -> "
+                         f"{r['error_after']:.4g} (summed over modules) in {r['seconds']:.1f} s")
         if self.skipped:
             reasons: dict[str, int] = {}
             for reason in self.skipped.values():
@@ -134,6 +148,55 @@ def model_sparsity(model: nn.Module) -> float:
     return zeros / max(total, 1)
 
 
+@contextlib.contextmanager
+def _layer_progress(desc: str, enabled: bool, device: str):
+    """A layer progress bar for one walk; device out-of-memory becomes a clear error."""
+    bar = LayerProgress(desc, enabled=enabled)
+    try:
+        yield bar
+    except torch.cuda.OutOfMemoryError as e:
+        raise LlmsparseError(
+            f"out of memory on {device} during calibration: lower --nsamples/--seqlen or use --device cpu"
+        ) from e
+    finally:
+        bar.close()
+
+
+class _Refinements:
+    """Runs the refiner (if any) on each module's solution and sums what it did for the report."""
+
+    def __init__(self, refiner):
+        self.refiner = refiner
+        self.swaps = self.modules = 0
+        self.error_before = self.error_after = self.seconds = 0.0
+
+    @property
+    def needs(self) -> frozenset:
+        return self.refiner.needs if self.refiner else frozenset()
+
+    def refine(self, weight, solution, stats, pattern):
+        """The refined solution and its per-module record (None when nothing was refined)."""
+        if self.refiner is None:
+            return solution, None
+        t0 = time.perf_counter()
+        solution, info = self.refiner.refine(weight, solution, stats, pattern)
+        self.seconds += time.perf_counter() - t0
+        if info is None:
+            return solution, None
+        self.modules += 1
+        self.swaps += info.swaps
+        self.error_before += info.error_before
+        self.error_after += info.error_after
+        return solution, info.to_json()
+
+    def to_json(self) -> dict | None:
+        if self.refiner is None:
+            return None
+        return {"name": self.refiner.name, **self.refiner.options(), "modules": self.modules, "swaps": self.swaps,
+                "error_before": self.error_before, "error_after": self.error_after,
+                "seconds": round(self.seconds, 3)}
+
+
 def prune(model: nn.Module, tokenizer=None, config: PruneConfig | None = None, *, calibration: torch.Tensor | None = None,
           device=None, cache_device=None, progress: bool = True, **settings) -> PruneReport:
     """Prune ``model`` in place and return a report.
@@ -149,6 +212,9 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | None = None, *
     device = str(device or default_device())
     pattern = config.parsed_pattern()
     method = get_method(config.method, scope=config.scope, blocksize=config.blocksize, percdamp=config.percdamp)
+    refinements = _Refinements(get_refiner(config.refine, max_cycles=config.refine_max_cycles,
+                                           threshold=config.refine_threshold, var_power=config.refine_var_power))
+    needs = method.needs | refinements.needs
     check_targets(model, config.ignore)
 
     started = time.perf_counter()
@@ -162,7 +228,12 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | None = None, *
         check_seqlen(model, calibration.shape[1])
     report = PruneReport(config=config, device=device, method_options=method.options())
     report.times["calibration_data_s"] = round(time.perf_counter() - started, 3)
-    bar = LayerProgress(f"{method.name} {pattern}", enabled=progress)
+    batches = calibration.split(config.calib_batch_size)
+    with _layer_progress(f"{config.allocation} scoring", progress and config.allocation != "uniform", device) as bar:
+        plan = plan_layers(config.allocation, pattern, model, batches, m=config.owl_m, lam=config.owl_lambda,
+                           device=device, cache_device=cache_device, ignore=config.ignore, on_layer=bar.on_layer,
+                           on_batch=bar.on_batch)
+    report.allocation = plan.to_json()
 
     def visit(run: LayerRun) -> None:
         t0 = time.perf_counter()
@@ -170,32 +241,33 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | None = None, *
         report.skipped.update(targets.skipped)
         zeros = params = 0
         if targets.modules:
-            stats = run.collect(targets.modules, method.needs)
+            stats = run.collect(targets.modules, needs)
             for name, module in targets.modules.items():
                 weight = weight_matrix(module).detach().float()
-                solution = method.solve(weight, stats[name], pattern)
+                module_pattern = plan.pattern(run.index, weight.numel())
+                solution = method.solve(weight, stats[name], module_pattern)
+                solution, refinement = refinements.refine(weight, solution, stats[name], module_pattern)
+                plan.spent(int((~solution.keep).sum()))
                 new = solution.weight if solution.weight is not None else weight
                 set_weight_matrix(module, new * solution.keep)
                 z = int((weight_matrix(module) == 0).sum())
                 report.modules[name] = {
                     "shape": list(weight.shape), "params": weight.numel(), "zeros": z,
                     "sparsity": z / weight.numel(), "pattern": str(pattern),
+                    "target_sparsity": module_pattern.sparsity, **({"refinement": refinement} if refinement else {}),
                 }
                 zeros, params = zeros + z, params + weight.numel()
             run.modified = True
         report.layers.append({"index": run.index, "name": run.name, "modules": len(targets.modules),
-                              "sparsity": zeros / max(params, 1), "seconds": round(time.perf_counter() - t0, 3)})
+                              "target_sparsity": plan.target(run.index), "sparsity": zeros / max(params, 1),
+                              "seconds": round(time.perf_counter() - t0, 3)})
 
-    batches = calibration.split(config.calib_batch_size)
-    try:
-        walk_layers(model, batches, visit, device=device, cache_device=cache_device,
-                    on_layer=bar.on_layer, on_batch=bar.on_batch)
-    except torch.cuda.OutOfMemoryError as e:
-        raise LlmsparseError(
-            f"out of memory on {device} during calibration: lower --nsamples/--seqlen or use --device cpu"
-        ) from e
-    finally:
-        bar.close()
+    with _layer_progress(f"{method.name} {pattern}", progress, device) as bar:
+        walk_layers(model, batches, visit, device=device, cache_device=cache_device, on_layer=bar.on_layer,
+                    on_batch=bar.on_batch)
+    report.refinement = refinements.to_json()
+    if refinements.refiner:
+        report.times["refine_s"] = round(refinements.seconds, 3)
     report.times["prune_s"] = round(time.perf_counter() - started, 3)
     report.memory = peak_memory()
     report.model_sparsity = model_sparsity(model)

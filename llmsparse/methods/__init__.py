@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from ..errors import LlmsparseError
 from .base import Method, Solution
+from .dsnot import DSnoT
 from .magnitude import Magnitude
 from .sparsegpt import SparseGPT
 from .wanda import Wanda
 
 METHODS = {cls.name: cls for cls in (Magnitude, Wanda, SparseGPT)}
 DEFAULT_METHOD = "sparsegpt"
+REFINERS = {cls.name: cls for cls in (DSnoT,)}
 
 
 def get_method(name: str, **options) -> Method:
@@ -24,4 +26,15 @@ def get_method(name: str, **options) -> Method:
     return cls(**{k: v for k, v in options.items() if k in accepted and v is not None})
 
 
-__all__ = ["Method", "Solution", "METHODS", "DEFAULT_METHOD", "get_method", "Magnitude", "Wanda", "SparseGPT"]
+
+def get_refiner(name: str | None, **options) -> DSnoT | None:
+    """Instantiate a mask refiner by name with its options (None: no refinement)."""
+    if name is None:
+        return None
+    if name not in REFINERS:
+        raise LlmsparseError(f"unknown refiner {name!r}: choose one of {', '.join(REFINERS)}")
+    return REFINERS[name](**options)
+
+
+__all__ = ["Method", "Solution", "METHODS", "DEFAULT_METHOD", "REFINERS", "get_method", "get_refiner", "Magnitude",
+           "Wanda", "SparseGPT", "DSnoT"]
