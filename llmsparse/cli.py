@@ -56,13 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold: scores above M x the layer mean")
     p.add_argument("--owl-lambda", type=float, default=0.08,
                    help="OWL: layer sparsities stay within target +- lambda (default 0.08)")
-    p.add_argument("--refine", default=None, choices=list(REFINERS),
-                   help="refine each mask after the method: dsnot (training-free prune-and-grow)")
+    p.add_argument("--refine", default=None,
+                   help=f"after the method, in order (comma-separated): {' | '.join(REFINERS)}; dsnot swaps pruned "
+                        "and kept weights (training-free prune-and-grow), refit re-solves the kept weights")
     p.add_argument("--refine-max-cycles", type=int, default=50, help="DSnoT: at most this many swaps per row")
     p.add_argument("--refine-threshold", type=float, default=0.1,
-                   help="DSnoT: a row stops once |its expected output error| (per token) is at most this")
+                   help="DSnoT: a row stops once |its expected output error| summed over a calibration window "
+                        "is at most this (the reference's units)")
     p.add_argument("--refine-var-power", type=float, default=1.0,
                    help="DSnoT: regrowth ranks W_ij*E[x_j] / Var(x_j)^power")
+    p.add_argument("--refine-iters", type=int, default=10, help="refit: conjugate-gradient iterations (default 10)")
     p.add_argument("--out", default=None, help="output folder (default: <model name>-<method>-<pattern>)")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress or summary")
@@ -113,8 +116,9 @@ def cmd_prune(args) -> int:
         blocksize=args.blocksize, percdamp=args.percdamp, allocation=args.allocation, owl_m=args.owl_m,
         owl_lambda=args.owl_lambda, refine=args.refine, refine_max_cycles=args.refine_max_cycles,
         refine_threshold=args.refine_threshold, refine_var_power=args.refine_var_power,
+        refine_iters=args.refine_iters,
     )
-    recipe = args.method + ("-owl" if args.allocation == "owl" else "") + (f"-{args.refine}" if args.refine else "")
+    recipe = args.method + ("-owl" if args.allocation == "owl" else "") + (f"-{args.refine.replace(',', '-')}" if args.refine else "")
     out = args.out or _default_out(args.model, recipe, config.parsed_pattern())
     check_output_dir(out, args.overwrite)
     verbose = not args.quiet

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .errors import LlmsparseError
 from .masks import SCOPES, Pattern
-from .methods import DEFAULT_METHOD, METHODS, REFINERS
+from .methods import DEFAULT_METHOD, METHODS, refiner_names
 
 
 @dataclass
@@ -32,6 +32,7 @@ class PruneConfig:
     refine_max_cycles: int = 50
     refine_threshold: float = 0.1
     refine_var_power: float = 1.0
+    refine_iters: int = 10
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -54,11 +55,11 @@ class PruneConfig:
         from .allocation import check_allocation
 
         check_allocation(self.allocation, self.parsed_pattern(), self.owl_lambda, self.owl_m)
-        if self.refine is not None and self.refine not in REFINERS:
-            raise LlmsparseError(f"unknown refinement {self.refine!r}: choose one of {', '.join(REFINERS)}")
-        if isinstance(self.refine_max_cycles, bool) or not isinstance(self.refine_max_cycles, int) \
-                or self.refine_max_cycles < 0:
-            raise LlmsparseError(f"refine_max_cycles must be a non-negative integer, got {self.refine_max_cycles!r}")
+        refiner_names(self.refine)
+        for name in ("refine_max_cycles", "refine_iters"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise LlmsparseError(f"{name} must be a non-negative integer, got {value!r}")
         if not self.refine_threshold >= 0:
             raise LlmsparseError(f"refine_threshold must be >= 0, got {self.refine_threshold!r}")
 

@@ -17,7 +17,7 @@ from .data import calibration_windows, load_documents
 from .engine import LayerRun, walk_layers
 from .errors import LlmsparseError
 from .masks import sparsity_of
-from .methods import get_method, get_refiner
+from .methods import get_method, get_refiners
 from .models import find_decoder_layers, find_targets, max_positions, set_weight_matrix, weight_matrix
 from .progress import LayerProgress, say
 
@@ -101,10 +101,10 @@ class PruneReport:
         if self.allocation.get("name", "uniform") != "uniform":
             targets = self.allocation["layer_targets"]
             lines.append(f"allocation {self.allocation['name']}: layer targets {min(targets):.4f} to {max(targets):.4f}")
-        if self.refinement:
-            r = self.refinement
-            lines.append(f"refinement {r['name']}: {r['swaps']:,} swaps, output error {r['error_before']:.4g} -> "
-                         f"{r['error_after']:.4g} (summed over modules) in {r['seconds']:.1f} s")
+        for name, r in (self.refinement or {}).items():
+            swaps = f"{r['swaps']:,} swaps, " if name == "dsnot" else ""
+            lines.append(f"refinement {name}: {swaps}output error {r['error_before']:.4g} -> {r['error_after']:.4g} "
+                         f"(summed over modules) in {r['seconds']:.1f} s")
         if self.skipped:
             reasons: dict[str, int] = {}
             for reason in self.skipped.values():
@@ -163,38 +163,42 @@ def _layer_progress(desc: str, enabled: bool, device: str):
 
 
 class _Refinements:
-    """Runs the refiner (if any) on each module's solution and sums what it did for the report."""
+    """Runs the refiners in order on each module's solution and sums, per refiner, what they did."""
 
-    def __init__(self, refiner):
-        self.refiner = refiner
-        self.swaps = self.modules = 0
-        self.error_before = self.error_after = self.seconds = 0.0
+    def __init__(self, refiners: list):
+        self.refiners = refiners
+        self.totals = {r.name: {"modules": 0, "swaps": 0, "error_before": 0.0, "error_after": 0.0, "seconds": 0.0}
+                       for r in refiners}
 
     @property
     def needs(self) -> frozenset:
-        return self.refiner.needs if self.refiner else frozenset()
+        return frozenset().union(*(r.needs for r in self.refiners))
+
+    @property
+    def seconds(self) -> float:
+        return sum(t["seconds"] for t in self.totals.values())
 
     def refine(self, weight, solution, stats, pattern):
-        """The refined solution and its per-module record (None when nothing was refined)."""
-        if self.refiner is None:
-            return solution, None
-        t0 = time.perf_counter()
-        solution, info = self.refiner.refine(weight, solution, stats, pattern)
-        self.seconds += time.perf_counter() - t0
-        if info is None:
-            return solution, None
-        self.modules += 1
-        self.swaps += info.swaps
-        self.error_before += info.error_before
-        self.error_after += info.error_after
-        return solution, info.to_json()
+        """The refined solution and, per refiner that acted, its record for this module."""
+        records = {}
+        for refiner in self.refiners:
+            t0 = time.perf_counter()
+            solution, info = refiner.refine(weight, solution, stats, pattern)
+            total = self.totals[refiner.name]
+            total["seconds"] += time.perf_counter() - t0
+            if info is not None:
+                total["modules"] += 1
+                total["swaps"] += info.swaps
+                total["error_before"] += info.error_before
+                total["error_after"] += info.error_after
+                records[refiner.name] = info.to_json()
+        return solution, records
 
     def to_json(self) -> dict | None:
-        if self.refiner is None:
+        if not self.refiners:
             return None
-        return {"name": self.refiner.name, **self.refiner.options(), "modules": self.modules, "swaps": self.swaps,
-                "error_before": self.error_before, "error_after": self.error_after,
-                "seconds": round(self.seconds, 3)}
+        return {r.name: {**r.options(), **self.totals[r.name], "seconds": round(self.totals[r.name]["seconds"], 3)}
+                for r in self.refiners}
 
 
 def prune(model: nn.Module, tokenizer=None, config: PruneConfig | None = None, *, calibration: torch.Tensor | None = None,
@@ -212,9 +216,6 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | None = None, *
     device = str(device or default_device())
     pattern = config.parsed_pattern()
     method = get_method(config.method, scope=config.scope, blocksize=config.blocksize, percdamp=config.percdamp)
-    refinements = _Refinements(get_refiner(config.refine, max_cycles=config.refine_max_cycles,
-                                           threshold=config.refine_threshold, var_power=config.refine_var_power))
-    needs = method.needs | refinements.needs
     check_targets(model, config.ignore)
 
     started = time.perf_counter()
@@ -227,6 +228,11 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | None = None, *
     else:
         check_seqlen(model, calibration.shape[1])
     report = PruneReport(config=config, device=device, method_options=method.options())
+    refinements = _Refinements(get_refiners(
+        config.refine, max_cycles=config.refine_max_cycles, threshold=config.refine_threshold,
+        var_power=config.refine_var_power, window=calibration.shape[1], iters=config.refine_iters,
+        percdamp=config.percdamp))
+    needs = method.needs | refinements.needs
     report.times["calibration_data_s"] = round(time.perf_counter() - started, 3)
     batches = calibration.split(config.calib_batch_size)
     with _layer_progress(f"{config.allocation} scoring", progress and config.allocation != "uniform", device) as bar:
@@ -266,7 +272,7 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | None = None, *
         walk_layers(model, batches, visit, device=device, cache_device=cache_device, on_layer=bar.on_layer,
                     on_batch=bar.on_batch)
     report.refinement = refinements.to_json()
-    if refinements.refiner:
+    if refinements.refiners:
         report.times["refine_s"] = round(refinements.seconds, 3)
     report.times["prune_s"] = round(time.perf_counter() - started, 3)
     report.memory = peak_memory()

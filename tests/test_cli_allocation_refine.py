@@ -23,10 +23,10 @@ def test_prune_owl_dsnot_records_layer_targets_and_refinement(tmp_path):
     targets = [layer["target_sparsity"] for layer in manifest["layers"]]
     assert targets == pytest.approx(manifest["allocation"]["layer_targets"], abs=1e-6)
     assert min(targets) >= 0.55 - 1e-9 and max(targets) <= 0.65 + 1e-9 and max(targets) > min(targets)
-    refinement = manifest["refinement"]
-    assert refinement["name"] == "dsnot" and refinement["swaps"] > 0
+    refinement = manifest["refinement"]["dsnot"]
+    assert refinement["swaps"] > 0 and refinement["max_cycles"] == 10
     assert refinement["error_after"] < refinement["error_before"]
-    per_module = [m["refinement"] for m in manifest["modules"].values()]
+    per_module = [m["refinement"]["dsnot"] for m in manifest["modules"].values()]
     assert sum(m["swaps"] for m in per_module) == refinement["swaps"]
     assert all(m["cycles"] <= 10 for m in per_module)
 
@@ -35,6 +35,7 @@ def test_prune_owl_dsnot_records_layer_targets_and_refinement(tmp_path):
     (["--pattern", "2:4", "--allocation", "owl"], "N:M kernels"),
     (["--sparsity", "0.95", "--allocation", "owl"], "owl-lambda"),
     (["--refine-max-cycles", "-1", "--refine", "dsnot"], "refine_max_cycles"),
+    (["--refine", "dsnot,prune"], "unknown refinement 'prune'"),
 ])
 def test_bad_combinations_exit_2_without_output(tmp_path, capsys, args, message):
     out = tmp_path / "never"

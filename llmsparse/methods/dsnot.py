@@ -2,7 +2,8 @@
 
 For output row i, with D = W − Ŵ the weight the pruning removed (Ŵ the pruned weight, including SparseGPT's
 compensation), the expected output error is e_i = Σ_j D_ij·E[x_j]. Each cycle, every row whose |e_i| exceeds the
-threshold proposes one swap, all rows at once:
+threshold (per token here; ``DSnoT`` takes it per calibration window, as the reference) proposes one swap, all
+rows at once:
 
 - grow the pruned weight whose W_ij·E[x_j] / Var(x_j)^p most cancels e_i (it comes back with its original value);
 - prune a kept weight whose removal also cancels e_i, the least important one by |Ŵ_ij|·‖X_j‖ (for N:M masks,
@@ -30,59 +31,64 @@ from .base import Solution
 class _HessianError:
     """Row errors d_i H d_iᵀ under the full input second moment H = E[xxᵀ].
 
-    The gradient G = D H is computed once; the swaps made since are replayed only at the columns asked for, so a
-    query costs rows × swaps, not rows × columns.
+    The gradient G = D H is computed once (its ``static`` part); the swaps made since are replayed only at the
+    columns asked for (its ``moving`` part), so a query costs rows × swaps, not rows × columns.
     """
 
     kind = "hessian"
 
-    def __init__(self, D: torch.Tensor, H: torch.Tensor, max_cycles: int):
+    def __init__(self, D: torch.Tensor, H: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, max_cycles: int):
         self.H, self.cols = H, H.shape[1]
-        self.G0 = D @ H
-        self.total = float((D * self.G0).sum())
+        self.hdiag = H.diagonal().contiguous()
+        self.G0 = (D @ H).reshape(-1)
+        self.total = float((D.reshape(-1) * self.G0).sum())
         rows = D.shape[0]
         self.js = torch.zeros(rows, 2 * max_cycles, dtype=torch.long, device=D.device)
         self.coef = torch.zeros(rows, 2 * max_cycles, dtype=D.dtype, device=D.device)
         self.n = 0
 
-    def grad(self, e, cols, d_cols):
-        g = self.G0.gather(1, cols)
-        if self.n:
-            flat = self.js[:, : self.n].unsqueeze(2) * self.cols + cols.unsqueeze(1)
-            g += (self.coef[:, : self.n].unsqueeze(2) * torch.take(self.H, flat)).sum(1)
-        return g
+    def static(self, flat: torch.Tensor, cols: torch.Tensor, D_flat: torch.Tensor) -> torch.Tensor:
+        return self.G0[flat]
 
-    def cross(self, j, k):
+    def moving(self, e: torch.Tensor, cols: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+        """The gradient's change since the start at ``cols`` [rows, q] (``mu`` = E[x] there, unused here)."""
+        if not self.n:
+            return torch.zeros_like(mu)
+        flat = self.js[:, : self.n].unsqueeze(2) * self.cols + cols.unsqueeze(1)
+        return (self.coef[:, : self.n].unsqueeze(2) * torch.take(self.H, flat)).sum(1)
+
+    def cross(self, j: torch.Tensor, k: torch.Tensor, mu_j: torch.Tensor, mu_k: torch.Tensor) -> torch.Tensor:
         return torch.take(self.H, j.unsqueeze(1) * self.cols + k)
 
-    def diag(self, cols):
-        return self.H.diagonal()[cols]
-
-    def update(self, a, j, b, k):
+    def update(self, a, j, b, k) -> None:
         self.js[:, self.n], self.coef[:, self.n] = j, a
         self.js[:, self.n + 1], self.coef[:, self.n + 1] = k, b
         self.n += 2
 
 
 class _MomentError:
-    """Row errors under H ≈ μμᵀ + diag(Var): e_i² + Σ_j Var_j·D_ij² (no Hessian needed)."""
+    """Row errors under H ≈ μμᵀ + diag(Var): e_i² + Σ_j Var_j·D_ij² (no Hessian needed).
+
+    Its gradient at column j is e_i·μ_j + Var_j·D_ij: the second part is ``static`` (a candidate's D never
+    changes before it is swapped), the first ``moving`` with e."""
 
     kind = "moments"
 
     def __init__(self, D: torch.Tensor, mean: torch.Tensor, var: torch.Tensor):
-        self.mean, self.var = mean, var
+        self.var = var
+        self.hdiag = mean.square() + var
         self.total = float((D @ mean).square().sum() + (D.square() * var).sum())
 
-    def grad(self, e, cols, d_cols):
-        return e.unsqueeze(1) * self.mean[cols] + self.var[cols] * d_cols
+    def static(self, flat, cols, D_flat):
+        return self.var[cols] * D_flat[flat]
 
-    def cross(self, j, k):
-        return self.mean[j].unsqueeze(1) * self.mean[k]
+    def moving(self, e, cols, mu):
+        return e.unsqueeze(1) * mu
 
-    def diag(self, cols):
-        return self.mean[cols].square() + self.var[cols]
+    def cross(self, j, k, mu_j, mu_k):
+        return mu_j.unsqueeze(1) * mu_k
 
-    def update(self, a, j, b, k):
+    def update(self, a, j, b, k) -> None:
         pass
 
 
@@ -102,29 +108,39 @@ class RefineInfo:
                 "cycles": self.cycles, "error_model": self.error_model}
 
 
-def _first(key: torch.Tensor, eligible: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the ``t`` eligible columns of smallest ``key`` in ascending order, and how many are eligible."""
-    masked = torch.where(eligible, key, torch.full_like(key, float("inf")))
-    return torch.topk(masked, t, dim=1, largest=False, sorted=True).indices, eligible.sum(1).clamp_max(t)
+def _first(key: torch.Tensor, t: int, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the ``t`` columns of smallest ``key`` in ascending order, and how many of them are eligible
+    (eligible columns have keys below ``limit``, the others at or above it)."""
+    values, indices = torch.topk(key, t, dim=1, largest=False, sorted=True)
+    return indices, (values < limit).sum(1)
 
 
-class _Lists:
-    """Two candidate lists per row (side 0 and side 1), each read in order through its own pointer."""
+class _Candidates:
+    """Two candidate lists per row (side 0 and side 1), each read in order through its own pointer, with what a
+    swap needs of each candidate precomputed: its column, weight change, E[x], H_jj and static gradient."""
 
-    def __init__(self, first: tuple, second: tuple, t: int):
-        self.t = t
-        self.flat = torch.stack([first[0], second[0]]).reshape(-1)
-        self.count = torch.stack([first[1], second[1]]).reshape(-1)
+    def __init__(self, sides: list, W_flat, D_flat, mean, model, cols: int):
+        indices = torch.stack([s[0] for s in sides])  # [2, rows, t]
+        self.rows, self.t = indices.shape[1], indices.shape[2]
+        self.count = torch.stack([s[1] for s in sides]).reshape(-1)
         self.used = torch.zeros_like(self.count)
+        self.col = indices.reshape(-1)
+        rows = torch.arange(self.rows, device=indices.device).view(1, -1, 1).expand_as(indices).reshape(-1)
+        flat = rows * cols + self.col
+        self.weight = W_flat[flat]
+        self.mu = mean[self.col]
+        self.h = model.hdiag[self.col]
+        self.g = model.static(flat, self.col, D_flat)
 
     def next(self, side: torch.Tensor, ar: torch.Tensor):
-        """The next column on ``side`` of each row, whether there is one, and the pointer slots (for ``advance``)."""
-        slot = side * ar.numel() + ar
-        pointer = self.used[slot]
-        return self.flat[slot * self.t + pointer.clamp_max(self.t - 1)], pointer < self.count[slot], slot
+        """Per row, the next candidate on ``side``: (slot, there is one, column, weight, E[x], H_jj, static g)."""
+        slot = side * self.rows + ar
+        at = slot * self.t + self.used[slot].clamp_max(self.t - 1)
+        return (slot, self.used[slot] < self.count[slot], self.col[at], self.weight[at], self.mu[at], self.h[at],
+                self.g[at])
 
     def advance(self, slot: torch.Tensor, moved: torch.Tensor) -> None:
-        self.used[slot] += moved.long()
+        self.used.index_add_(0, slot, moved.long())
 
 
 @contextlib.contextmanager
@@ -156,7 +172,7 @@ def dsnot_refine(weight: torch.Tensor, solution: Solution, mean: torch.Tensor, v
     rows, cols = W0.shape
     mean, var = mean.to(W0), var.to(W0)
     if second_moment is not None:
-        model = _HessianError(D, second_moment.to(W0), max_cycles)
+        model = _HessianError(D, second_moment.to(W0), mean, var, max_cycles)
     else:
         model = _MomentError(D, mean, var)
     e = D @ mean
@@ -183,21 +199,31 @@ def _swap_cycles(W0, D, keep, e, mean, var, model, pattern, max_cycles, threshol
     dev = W0.device
     t = max(1, min(max_cycles, cols))
     ar = torch.arange(rows, device=dev)
+    inf = torch.tensor(float("inf"), device=dev)
     positive_var = var[var > 0]
     floor = positive_var.min() * 1e-3 if positive_var.numel() else torch.tensor(1.0, device=dev)
     rank = W0 * mean / var.clamp_min(floor).pow(var_power)
-    pruned = ~keep
-    # grow lists: side 0 the most negative contributions (taken while e < 0), side 1 the most positive (e > 0)
-    grow = _Lists(_first(rank, pruned & (rank < 0), t), _first(-rank, pruned & (rank > 0), t), t)
+    W0_flat, D_flat = W0.reshape(-1), D.reshape(-1)
+    # grow lists: side 0 the most negative contributions (taken while e < 0), side 1 the most positive (e > 0);
+    # a grown weight changes D from W to 0, so its weight change is −W. Kept weights get key 0: never eligible.
+    grow_key = rank * (~keep).to(rank.dtype)
+    grow = _Candidates([_first(grow_key.clamp(max=0), t, 0.0), _first((-grow_key).clamp(max=0), t, 0.0)],
+                       -W0_flat, D_flat, mean, model, cols)
+    kept = W0 - D
     if pattern.is_nm:
         offsets = torch.arange(pattern.m, device=dev)
         keep_flat = keep.clone().view(-1)
         regrown = torch.zeros_like(keep_flat)
+        kept_flat = kept.reshape(-1)
     else:
-        contrib, importance = (W0 - D) * mean, (W0 - D).abs() * (var + mean.square()).sqrt()
-        # cut lists: side 0 kept weights whose removal raises e (taken while e < 0), side 1 lowers it (e > 0)
-        cut = _Lists(_first(importance, keep & (contrib > 0), t), _first(importance, keep & (contrib < 0), t), t)
-    W0_flat, D_flat = W0.reshape(-1), D.reshape(-1)
+        contrib = kept * mean  # 0 where pruned
+        importance = kept.abs() * (var + mean.square()).sqrt()
+        barred = 1e38  # added to the key of weights not eligible on a side
+        # cut lists: side 0 kept weights whose removal raises e (taken while e < 0), side 1 lowers it (e > 0);
+        # a cut weight changes D by its kept value
+        cut = _Candidates([_first(importance + (contrib <= 0).to(rank.dtype) * barred, t, barred),
+                           _first(importance + (contrib >= 0).to(rank.dtype) * barred, t, barred)],
+                          kept.reshape(-1), D_flat, mean, model, cols)
     grown = torch.zeros(rows, max_cycles, dtype=torch.long, device=dev)
     cuts = torch.zeros_like(grown)
     accepted = torch.zeros(rows, max_cycles, dtype=torch.bool, device=dev)
@@ -210,57 +236,60 @@ def _swap_cycles(W0, D, keep, e, mean, var, model, pattern, max_cycles, threshol
             break
         cycles += 1
         side = (e > 0).long()
-        j, has_j, grow_slot = grow.next(side, ar)
+        slot, has_j, j, a, mu_j, h_j, g_j = grow.next(side, ar)
         if pattern.is_nm:
             members = (j - j % pattern.m).unsqueeze(1) + offsets
             k_all = members.clamp_max(cols - 1)
             flat_k = ar.unsqueeze(1) * cols + k_all
             valid = (members < cols) & keep_flat[flat_k] & ~regrown[flat_k]
+            b_all, mu_k, h_k = kept_flat[flat_k], mean[k_all], model.hdiag[k_all]
+            g_k = model.static(flat_k, k_all, D_flat)
         else:
-            k, has_k, cut_slot = cut.next(side, ar)
-            k_all, valid = k.unsqueeze(1), has_k.unsqueeze(1)
-            flat_k = ar.unsqueeze(1) * cols + k_all
-        flat_j = ar * cols + j
-        a = -W0_flat[flat_j]
-        d_k = D_flat[flat_k]
-        b_all = W0_flat[flat_k] - d_k
-        g = model.grad(e, torch.cat([j.unsqueeze(1), k_all], 1), torch.cat([-a.unsqueeze(1), d_k], 1))
-        delta = (2 * a * g[:, 0] + a.square() * model.diag(j)).unsqueeze(1) \
-            + b_all * (2 * g[:, 1:] + b_all * model.diag(k_all) + 2 * a.unsqueeze(1) * model.cross(j, k_all))
-        best, pick = torch.where(valid, delta, torch.full_like(delta, float("inf"))).min(dim=1)
+            cut_slot, has_k, k, b, mu_k, h_k, g_k = cut.next(side, ar)
+            k_all, valid, b_all, mu_k, h_k, g_k = (x.unsqueeze(1) for x in (k, has_k, b, mu_k, h_k, g_k))
+        g_j = g_j + model.moving(e, j.unsqueeze(1), mu_j.unsqueeze(1)).squeeze(1)
+        g_k = g_k + model.moving(e, k_all, mu_k)
+        delta = (a * (2 * g_j + a * h_j)).unsqueeze(1) \
+            + b_all * (2 * g_k + b_all * h_k + 2 * a.unsqueeze(1) * model.cross(j, k_all, mu_j, mu_k))
+        best, pick = torch.where(valid, delta, inf).min(dim=1)
         accept = alive & has_j & (best < 0)
         # the grow pointer moves on whether or not the swap was taken; the cut pointer only when used
-        grow.advance(grow_slot, alive)
+        grow.advance(slot, alive)
         alive &= has_j & valid.any(1)
         if not bool(accept.any()):
             continue
-        k = k_all.gather(1, pick.unsqueeze(1)).squeeze(1)
-        b = b_all.gather(1, pick.unsqueeze(1)).squeeze(1) * accept
-        a = a * accept
         if pattern.is_nm:
-            flat_kk = ar * cols + k
-            keep_flat[flat_j] |= accept
-            keep_flat[flat_kk] &= ~accept
-            regrown[flat_j] |= accept
+            k = k_all.gather(1, pick.unsqueeze(1)).squeeze(1)
+            keep_flat[ar * cols + j] |= accept
+            keep_flat[ar * cols + k] &= ~accept
+            regrown[ar * cols + j] |= accept
         else:
             cut.advance(cut_slot, accept)
+        b = b_all.gather(1, pick.unsqueeze(1)).squeeze(1) * accept
+        a = a * accept
         gain += torch.where(accept, best, torch.zeros_like(best)).sum()
-        e += a * mean[j] + b * mean[k]
+        e += a * mu_j + b * mu_k.gather(1, pick.unsqueeze(1)).squeeze(1)
         model.update(a, j, b, k)
         grown[:, c], cuts[:, c], accepted[:, c] = j, k, accept
     return grown, cuts, accepted, float(gain), cycles
 
 
 class DSnoT:
-    """The refiner plugged in after a method's ``solve`` (``--refine dsnot``)."""
+    """The refiner plugged in after a method's ``solve`` (``--refine dsnot``).
+
+    ``threshold`` is in the reference code's units: a row's expected output error summed over the tokens of one
+    calibration window (``window`` tokens), i.e. |e_i|·window; the default 0.1 rarely stops a row, so rows swap
+    for up to ``max_cycles`` cycles while swaps still lower their error.
+    """
 
     name = "dsnot"
     needs = frozenset({"moments"})
 
-    def __init__(self, max_cycles: int = 50, threshold: float = 0.1, var_power: float = 1.0):
+    def __init__(self, max_cycles: int = 50, threshold: float = 0.1, var_power: float = 1.0, window: int = 1):
         self.max_cycles = max_cycles
         self.threshold = threshold
         self.var_power = var_power
+        self.window = window
 
     def refine(self, weight: torch.Tensor, solution: Solution, stats: InputStats | None,
                pattern: Pattern) -> tuple[Solution, RefineInfo | None]:
@@ -269,7 +298,8 @@ class DSnoT:
         # the engine's Hessian is 2XᵀX/n: half of it is E[xxᵀ]
         second_moment = stats.hessian() / 2 if "hessian" in stats.needs else None
         return dsnot_refine(weight, solution, stats.mean, stats.var, pattern, second_moment, self.max_cycles,
-                            self.threshold, self.var_power)
+                            self.threshold / self.window, self.var_power)
 
     def options(self) -> dict:
-        return {"max_cycles": self.max_cycles, "threshold": self.threshold, "var_power": self.var_power}
+        return {"max_cycles": self.max_cycles, "threshold": self.threshold, "var_power": self.var_power,
+                "window": self.window}
