@@ -60,6 +60,11 @@ def _grid() -> dict[str, dict]:
             rows[f"{method}_dsnot_{target}"] = {**base, "refine": "dsnot"}
             if target != "2of4":
                 rows[f"{method}_owl_dsnot_{target}"] = {**base, "allocation": "owl", "refine": "dsnot"}
+    # beyond the peers: the refit of the kept weights after DSnoT, SparseGPT comparing per row (the default scope)
+    for target in ("50", "60", "70", "80"):
+        rows[f"sparsegpt_owl_dsnot_refit_{target}"] = {"method": "sparsegpt", **targets[target], "allocation": "owl",
+                                                       "refine": "dsnot,refit"}
+    rows["sparsegpt_dsnot_refit_2of4"] = {"method": "sparsegpt", "pattern": "2:4", "refine": "dsnot,refit"}
     return rows
 
 

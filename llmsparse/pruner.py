@@ -241,6 +241,23 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | None = None, *
                            on_batch=bar.on_batch)
     report.allocation = plan.to_json()
 
+    def prune_module(name: str, module: nn.Module, stats, index: int) -> int:
+        """Solve, refine and write one module; record it; return its count of zeros."""
+        weight = weight_matrix(module).detach().float()
+        module_pattern = plan.pattern(index, weight.numel())
+        solution = method.solve(weight, stats, module_pattern)
+        solution, refinement = refinements.refine(weight, solution, stats, module_pattern)
+        plan.spent(int((~solution.keep).sum()))
+        new = solution.weight if solution.weight is not None else weight
+        set_weight_matrix(module, new * solution.keep)
+        z = int((weight_matrix(module) == 0).sum())
+        report.modules[name] = {
+            "shape": list(weight.shape), "params": weight.numel(), "zeros": z, "sparsity": z / weight.numel(),
+            "pattern": str(pattern), "target_sparsity": module_pattern.sparsity,
+            **({"refinement": refinement} if refinement else {}),
+        }
+        return z
+
     def visit(run: LayerRun) -> None:
         t0 = time.perf_counter()
         targets = find_targets(run.layer, run.name, config.ignore)
@@ -249,20 +266,8 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | None = None, *
         if targets.modules:
             stats = run.collect(targets.modules, needs)
             for name, module in targets.modules.items():
-                weight = weight_matrix(module).detach().float()
-                module_pattern = plan.pattern(run.index, weight.numel())
-                solution = method.solve(weight, stats[name], module_pattern)
-                solution, refinement = refinements.refine(weight, solution, stats[name], module_pattern)
-                plan.spent(int((~solution.keep).sum()))
-                new = solution.weight if solution.weight is not None else weight
-                set_weight_matrix(module, new * solution.keep)
-                z = int((weight_matrix(module) == 0).sum())
-                report.modules[name] = {
-                    "shape": list(weight.shape), "params": weight.numel(), "zeros": z,
-                    "sparsity": z / weight.numel(), "pattern": str(pattern),
-                    "target_sparsity": module_pattern.sparsity, **({"refinement": refinement} if refinement else {}),
-                }
-                zeros, params = zeros + z, params + weight.numel()
+                zeros += prune_module(name, module, stats[name], run.index)
+                params += weight_matrix(module).numel()
             run.modified = True
         report.layers.append({"index": run.index, "name": run.name, "modules": len(targets.modules),
                               "target_sparsity": plan.target(run.index), "sparsity": zeros / max(params, 1),
