@@ -51,10 +51,26 @@ def _grid() -> dict[str, dict]:
     for target in ("4of8", "60", "80"):
         for method in ("wanda", "sparsegpt"):
             rows[f"{method}_{target}"] = {"method": method, "scope": REFERENCE_SCOPE[method], **targets[target]}
+    # issue 3: OWL layer sparsity and DSnoT refinement on top of each method (OWL refuses N:M patterns)
+    for target in ("50", "70", "2of4"):
+        for method in ("wanda", "sparsegpt"):
+            base = {"method": method, "scope": REFERENCE_SCOPE[method], **targets[target]}
+            if target != "2of4":
+                rows[f"{method}_owl_{target}"] = {**base, "allocation": "owl"}
+            rows[f"{method}_dsnot_{target}"] = {**base, "refine": "dsnot"}
+            if target != "2of4":
+                rows[f"{method}_owl_dsnot_{target}"] = {**base, "allocation": "owl", "refine": "dsnot"}
+    # beyond the peers: the refit of the kept weights after DSnoT, SparseGPT comparing per row (the default scope)
+    for target in ("50", "60", "70", "80"):
+        rows[f"sparsegpt_owl_dsnot_refit_{target}"] = {"method": "sparsegpt", **targets[target], "allocation": "owl",
+                                                       "refine": "dsnot,refit"}
+    rows["sparsegpt_dsnot_refit_2of4"] = {"method": "sparsegpt", "pattern": "2:4", "refine": "dsnot,refit"}
     return rows
 
 
 GRID = _grid()
+# our rows whose peer figure in PEERS.md has another name
+PEER_NAMES = {"wanda_dsnot_60": "dsnot_wanda_60", "wanda_dsnot_70": "dsnot_wanda_70", "wanda_owl_70": "owl_wanda_70"}
 
 
 def peer_figures() -> dict[str, dict]:
@@ -93,7 +109,9 @@ def run_row(name: str) -> dict:
         result["prune_s"] = report.times["prune_s"]
         result["sparsity"] = report.sparsity
         result["layers"] = [round(layer["sparsity"], 4) for layer in report.layers]
-        result["extra"] = report.to_json().get("refinement") or report.to_json().get("allocation")
+        manifest = report.to_json()
+        result["extra"] = {key: manifest[key] for key in ("allocation", "refinement") if manifest.get(key)}
+        result["refine_s"] = report.times.get("refine_s", 0.0)
     else:
         result["sparsity"] = targeted_sparsity(model)
     ids = tokenize_text(tokenizer, read_text(EVAL_TEXT))
@@ -116,7 +134,7 @@ def table(results: dict[str, dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for name in [n for n in GRID if n in results] + [n for n in results if n not in GRID]:
         r = results[name]
-        peer = peers.get(name)
+        peer = peers.get(PEER_NAMES.get(name, name))
         settings = "—" if r["settings"] is None else ", ".join(f"{k}={v}" for k, v in r["settings"].items())
         ratio = f"{r['ppl'] / peer['ppl']:.3f}" if peer else "—"
         lines.append(

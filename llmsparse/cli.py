@@ -21,7 +21,8 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .methods import DEFAULT_METHOD, METHODS
+    from .allocation import ALLOCATIONS
+    from .methods import DEFAULT_METHOD, METHODS, REFINERS
 
     parser = argparse.ArgumentParser(prog="llmsparse", description="Post-training sparsification of Hugging Face LLMs.")
     parser.add_argument("--version", action="version", version=f"llmsparse {_version()}")
@@ -63,6 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue a killed run from its last finished layer (same settings and --out)")
     p.add_argument("--no-checkpoint", action="store_true",
                    help="don't commit finished layers to <out>.llmsparse-work (saves disk writes; no --resume)")
+    p.add_argument("--allocation", default="uniform", choices=list(ALLOCATIONS),
+                   help="sparsity per decoder layer: uniform, or owl (less sparsity where activation outliers are; "
+                        "unstructured only)")
+    p.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold: scores above M x the layer mean")
+    p.add_argument("--owl-lambda", type=float, default=0.08,
+                   help="OWL: layer sparsities stay within target +- lambda (default 0.08)")
+    p.add_argument("--refine", default=None,
+                   help=f"after the method, in order (comma-separated): {' | '.join(REFINERS)}; dsnot swaps pruned "
+                        "and kept weights (training-free prune-and-grow), refit re-solves the kept weights")
+    p.add_argument("--refine-max-cycles", type=int, default=50, help="DSnoT: at most this many swaps per row")
+    p.add_argument("--refine-threshold", type=float, default=0.1,
+                   help="DSnoT: a row stops once |its expected output error| summed over a calibration window "
+                        "is at most this (the reference's units)")
+    p.add_argument("--refine-var-power", type=float, default=1.0,
+                   help="DSnoT: regrowth ranks W_ij*E[x_j] / Var(x_j)^power")
+    p.add_argument("--refine-iters", type=int, default=10, help="refit: conjugate-gradient iterations (default 10)")
     p.add_argument("--out", default=None, help="output folder (default: <model name>-<method>-<pattern>)")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress or summary")
@@ -131,9 +148,14 @@ def cmd_prune(args) -> int:
         seqlen=args.seqlen or (DEMO["seqlen"] if demo else 2048),
         seed=args.seed, ignore=args.ignore, calib_batch_size=args.calib_batch_size, scope=args.scope,
         expert_calibration=args.expert_calibration,
-        blocksize=args.blocksize, percdamp=args.percdamp,
+        blocksize=args.blocksize, percdamp=args.percdamp, allocation=args.allocation, owl_m=args.owl_m,
+        owl_lambda=args.owl_lambda, refine=args.refine, refine_max_cycles=args.refine_max_cycles,
+        refine_threshold=args.refine_threshold, refine_var_power=args.refine_var_power,
+        refine_iters=args.refine_iters,
     )
-    out = args.out or _default_out(args.model, args.method, config.parsed_pattern())
+    recipe = (args.method + ("-owl" if args.allocation == "owl" else "")
+              + (f"-{args.refine.replace(',', '-')}" if args.refine else ""))
+    out = args.out or _default_out(args.model, recipe, config.parsed_pattern())
     check_output_dir(out, args.overwrite)
     verbose = not args.quiet
     if demo:

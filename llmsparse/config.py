@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .errors import LlmsparseError
 from .masks import SCOPES, Pattern
-from .methods import DEFAULT_METHOD, METHODS
+from .methods import DEFAULT_METHOD, METHODS, refiner_names
 
 
 @dataclass
@@ -26,6 +26,14 @@ class PruneConfig:
     expert_calibration: str = "routed"
     blocksize: int = 128
     percdamp: float = 0.01
+    allocation: str = "uniform"
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
+    refine: str | None = None
+    refine_max_cycles: int = 50
+    refine_threshold: float = 0.1
+    refine_var_power: float = 1.0
+    refine_iters: int = 10
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -44,6 +52,19 @@ class PruneConfig:
         if self.scope not in SCOPES:
             raise LlmsparseError(f"unknown scope {self.scope!r}: choose row or layer")
         self.ignore = list(self.ignore or [])
+        self._check_allocation_and_refine()
+
+    def _check_allocation_and_refine(self) -> None:
+        from .allocation import check_allocation
+
+        check_allocation(self.allocation, self.parsed_pattern(), self.owl_lambda, self.owl_m)
+        refiner_names(self.refine)
+        for name in ("refine_max_cycles", "refine_iters"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise LlmsparseError(f"{name} must be a non-negative integer, got {value!r}")
+        if not self.refine_threshold >= 0:
+            raise LlmsparseError(f"refine_threshold must be >= 0, got {self.refine_threshold!r}")
 
     def parsed_pattern(self) -> Pattern:
         return Pattern.parse(self.pattern, self.sparsity)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import time
@@ -11,12 +12,13 @@ import torch
 from torch import nn
 
 from . import __version__
+from .allocation import LayerPlan, plan_layers
 from .config import PruneConfig
 from .data import calibration_windows, load_documents
 from .engine import LayerRun, walk_layers
 from .errors import LlmsparseError
 from .masks import sparsity_of
-from .methods import get_method
+from .methods import get_method, get_refiners
 from .models import find_decoder_layers, find_targets, max_positions, set_weight_matrix, weight_matrix
 from .progress import LayerProgress, say
 from .resume import LayerCheckpoint, tensor_digest
@@ -47,6 +49,8 @@ class PruneReport:
     memory: dict = field(default_factory=dict)
     model_sparsity: float = 0.0
     method_options: dict = field(default_factory=dict)
+    allocation: dict = field(default_factory=dict)
+    refinement: dict | None = None
     _started: float = field(default_factory=time.perf_counter, repr=False)
 
     @property
@@ -76,6 +80,8 @@ class PruneReport:
                 "sparsity": self.sparsity,
                 "model_sparsity": self.model_sparsity,
             },
+            "allocation": self.allocation,
+            "refinement": self.refinement,
             "layers": self.layers,
             "modules": self.modules,
             "skipped": self.skipped,
@@ -99,14 +105,22 @@ class PruneReport:
 
     def summary(self) -> str:
         """A per-layer table and the totals, for the terminal."""
-        lines = [f"{'layer':>5}  {'modules':>7}  {'sparsity':>8}  {'seconds':>7}"]
+        lines = [f"{'layer':>5}  {'modules':>7}  {'target':>8}  {'sparsity':>8}  {'seconds':>7}"]
         for layer in self.layers:
-            lines.append(f"{layer['index']:>5}  {layer['modules']:>7}  {layer['sparsity']:>8.4f}  {layer['seconds']:>7.1f}")
+            lines.append(f"{layer['index']:>5}  {layer['modules']:>7}  {layer['target_sparsity']:>8.4f}  "
+                         f"{layer['sparsity']:>8.4f}  {layer['seconds']:>7.1f}")
         lines.append(
             f"pruned {self.pruned_params:,} of {self.targeted_params:,} targeted weights "
             f"(sparsity {self.sparsity:.4f}; whole model {self.model_sparsity:.4f}) with {self.config.method} "
             f"{self.config.parsed_pattern()} in {self.times.get('prune_s', 0):.1f} s, seed {self.config.seed}"
         )
+        if self.allocation.get("name", "uniform") != "uniform":
+            targets = self.allocation["layer_targets"]
+            lines.append(f"allocation {self.allocation['name']}: layer targets {min(targets):.4f} to {max(targets):.4f}")
+        for name, r in (self.refinement or {}).items():
+            swaps = f"{r['swaps']:,} swaps, " if name == "dsnot" else ""
+            lines.append(f"refinement {name}: {swaps}output error {r['error_before']:.4g} -> {r['error_after']:.4g} "
+                         f"(summed over modules) in {r['seconds']:.1f} s")
         if self.skipped:
             reasons: dict[str, int] = {}
             for reason in self.skipped.values():
@@ -162,6 +176,59 @@ def model_sparsity(model: nn.Module) -> float:
     return zeros / max(total, 1)
 
 
+@contextlib.contextmanager
+def _layer_progress(desc: str, enabled: bool, device: str):
+    """A layer progress bar for one walk; device out-of-memory becomes a clear error."""
+    bar = LayerProgress(desc, enabled=enabled)
+    try:
+        yield bar
+    except torch.cuda.OutOfMemoryError as e:
+        raise LlmsparseError(
+            f"out of memory on {device} during calibration: lower --nsamples/--seqlen or use --device cpu"
+        ) from e
+    finally:
+        bar.close()
+
+
+class _Refinements:
+    """Runs the refiners in order on each module's solution and sums, per refiner, what they did."""
+
+    def __init__(self, refiners: list):
+        self.refiners = refiners
+        self.totals = {r.name: {"modules": 0, "swaps": 0, "error_before": 0.0, "error_after": 0.0, "seconds": 0.0}
+                       for r in refiners}
+
+    @property
+    def needs(self) -> frozenset:
+        return frozenset().union(*(r.needs for r in self.refiners))
+
+    @property
+    def seconds(self) -> float:
+        return sum(t["seconds"] for t in self.totals.values())
+
+    def refine(self, weight, solution, stats, pattern):
+        """The refined solution and, per refiner that acted, its record for this module."""
+        records = {}
+        for refiner in self.refiners:
+            t0 = time.perf_counter()
+            solution, info = refiner.refine(weight, solution, stats, pattern)
+            total = self.totals[refiner.name]
+            total["seconds"] += time.perf_counter() - t0
+            if info is not None:
+                total["modules"] += 1
+                total["swaps"] += info.swaps
+                total["error_before"] += info.error_before
+                total["error_after"] += info.error_after
+                records[refiner.name] = info.to_json()
+        return solution, records
+
+    def to_json(self) -> dict | None:
+        if not self.refiners:
+            return None
+        return {r.name: {**r.options(), **self.totals[r.name], "seconds": round(self.totals[r.name]["seconds"], 3)}
+                for r in self.refiners}
+
+
 def prune(model: nn.Module, tokenizer=None, config: PruneConfig | None = None, *, calibration: torch.Tensor | None = None,
           device=None, cache_device=None, offload_activations: bool = False, checkpoint_dir=None,
           resume: bool = False, progress: bool = True, **settings) -> PruneReport:
@@ -192,8 +259,47 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | None = None, *
     else:
         check_seqlen(model, calibration.shape[1])
     report = PruneReport(config=config, device=device, method_options=method.options())
+    refinements = _Refinements(get_refiners(
+        config.refine, max_cycles=config.refine_max_cycles, threshold=config.refine_threshold,
+        var_power=config.refine_var_power, window=calibration.shape[1], iters=config.refine_iters,
+        percdamp=config.percdamp))
+    needs = method.needs | refinements.needs
     report.times["calibration_data_s"] = round(time.perf_counter() - started, 3)
-    bar = LayerProgress(f"{method.name} {pattern}", enabled=progress)
+    batches = calibration.split(config.calib_batch_size)
+    checkpoint = None
+    if checkpoint_dir is not None:
+        fingerprint = {"settings": config.to_json(), "calibration": tensor_digest(calibration),
+                       "model": model_fingerprint(model)}
+        checkpoint = LayerCheckpoint(checkpoint_dir, fingerprint, resume, state_fn=lambda: {
+            **report.resume_state(), "plan": plan.state(), "refinement": refinements.totals})
+        report.load_resume_state(checkpoint.state)
+        refinements.totals.update(checkpoint.state.get("refinement", {}))
+    if checkpoint is not None and "plan" in checkpoint.state:
+        plan = LayerPlan.from_state(pattern, checkpoint.state["plan"])
+    else:
+        with _layer_progress(f"{config.allocation} scoring", progress and config.allocation != "uniform",
+                             device) as bar:
+            plan = plan_layers(config.allocation, pattern, model, batches, m=config.owl_m, lam=config.owl_lambda,
+                               device=device, cache_device=cache_device, offload_activations=offload_activations,
+                               ignore=config.ignore, on_layer=bar.on_layer, on_batch=bar.on_batch)
+    report.allocation = plan.to_json()
+
+    def prune_module(name: str, module: nn.Module, stats, index: int) -> int:
+        """Solve, refine and write one module; record it; return its count of zeros."""
+        weight = weight_matrix(module).detach().float()
+        module_pattern = plan.pattern(index, weight.numel())
+        solution = method.solve(weight, stats, module_pattern)
+        solution, refinement = refinements.refine(weight, solution, stats, module_pattern)
+        plan.spent(int((~solution.keep).sum()))
+        new = solution.weight if solution.weight is not None else weight
+        set_weight_matrix(module, new * solution.keep)
+        z = int((weight_matrix(module) == 0).sum())
+        report.modules[name] = {
+            "shape": list(weight.shape), "params": weight.numel(), "zeros": z, "sparsity": z / weight.numel(),
+            "pattern": str(pattern), "target_sparsity": module_pattern.sparsity,
+            **({"refinement": refinement} if refinement else {}),
+        }
+        return z
 
     def visit(run: LayerRun) -> None:
         t0 = time.perf_counter()
@@ -201,42 +307,24 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | None = None, *
         report.skipped.update(targets.skipped)
         zeros = params = 0
         if targets.modules:
-            stats = run.collect(targets.modules, method.needs,
-                                all_expert_tokens=config.expert_calibration == "all")
+            stats = run.collect(targets.modules, needs, all_expert_tokens=config.expert_calibration == "all")
             for name, module in targets.modules.items():
-                weight = weight_matrix(module).detach().float()
-                solution = method.solve(weight, stats[name], pattern)
-                new = solution.weight if solution.weight is not None else weight
-                set_weight_matrix(module, new * solution.keep)
-                z = int((weight_matrix(module) == 0).sum())
-                report.modules[name] = {
-                    "shape": list(weight.shape), "params": weight.numel(), "zeros": z,
-                    "sparsity": z / weight.numel(), "pattern": str(pattern),
-                }
-                zeros, params = zeros + z, params + weight.numel()
+                zeros += prune_module(name, module, stats[name], run.index)
+                params += weight_matrix(module).numel()
             run.modified = True
         report.layers.append({"index": run.index, "name": run.name, "modules": len(targets.modules),
-                              "sparsity": zeros / max(params, 1), "seconds": round(time.perf_counter() - t0, 3)})
+                              "target_sparsity": plan.target(run.index), "sparsity": zeros / max(params, 1),
+                              "seconds": round(time.perf_counter() - t0, 3)})
 
-    checkpoint = None
-    if checkpoint_dir is not None:
-        fingerprint = {"settings": config.to_json(), "calibration": tensor_digest(calibration),
-                       "model": model_fingerprint(model)}
-        checkpoint = LayerCheckpoint(checkpoint_dir, fingerprint, resume, state_fn=report.resume_state)
-        report.load_resume_state(checkpoint.state)
-    batches = calibration.split(config.calib_batch_size)
-    try:
+    with _layer_progress(f"{method.name} {pattern}", progress, device) as bar:
         walk_layers(model, batches, visit, device=device, cache_device=cache_device,
                     offload_activations=offload_activations, checkpoint=checkpoint,
                     on_layer=bar.on_layer, on_batch=bar.on_batch)
-    except torch.cuda.OutOfMemoryError as e:
-        raise LlmsparseError(
-            f"out of memory on {device} during calibration: lower --nsamples/--seqlen or use --device cpu"
-        ) from e
-    finally:
-        bar.close()
     if checkpoint is not None:
         checkpoint.finish()
+    report.refinement = refinements.to_json()
+    if refinements.refiners:
+        report.times["refine_s"] = round(refinements.seconds, 3)
     report.times["prune_s"] = round(time.perf_counter() - started + report.times.get("resumed_after_s", 0.0), 3)
     report.memory = peak_memory()
     report.model_sparsity = model_sparsity(model)

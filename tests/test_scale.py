@@ -64,6 +64,30 @@ def test_resume_after_a_kill_is_byte_identical(tmp_path, monkeypatch, kill_at):
     assert not (tmp_path / "resumed.llmsparse-work").exists()
 
 
+def test_resume_keeps_owl_targets_and_dsnot_exact(tmp_path, monkeypatch):
+    """OWL's per-layer plan (targets and the running pruned count) and DSnoT's totals survive a kill."""
+    extra = ["--allocation", "owl", "--refine", "dsnot"]
+    reference = tmp_path / "reference"
+    assert run_cli(reference, extra) == 0
+    commit = LayerCheckpoint.commit
+
+    def dying_commit(self, index, layer, hidden):
+        commit(self, index, layer, hidden)
+        if index == 2:
+            raise Killed
+
+    monkeypatch.setattr(LayerCheckpoint, "commit", dying_commit)
+    out = tmp_path / "resumed"
+    with pytest.raises(Killed):
+        run_cli(out, extra)
+    monkeypatch.undo()
+    assert run_cli(out, extra + ["--resume"]) == 0
+    assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+    got, want = (json.loads((d / "llmsparse.json").read_text()) for d in (out, reference))
+    assert got["allocation"]["layer_targets"] == want["allocation"]["layer_targets"]
+    assert got["refinement"]["dsnot"]["swaps"] == want["refinement"]["dsnot"]["swaps"] > 0
+
+
 def test_resume_refuses_a_work_folder_of_other_settings(tmp_path, monkeypatch, capsys):
     out = tmp_path / "o"
     commit = LayerCheckpoint.commit
