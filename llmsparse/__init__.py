@@ -12,3 +12,9 @@ __all__ = ["__version__", "prune", "PruneConfig", "PruneReport", "Pattern", "loa
 from .sparse import SparseLinear, SparsifyReport, densify, sparsify  # noqa: E402
 
 __all__ += ["SparseLinear", "SparsifyReport", "sparsify", "densify"]
+from .checkpoint import export, load, save_pruned  # noqa: E402
+from .hf_quantizer import register as _register_with_transformers  # noqa: E402
+from .sizes import inspect_folder  # noqa: E402
+
+_register_with_transformers()  # so that AutoModelForCausalLM.from_pretrained loads compact folders after `import llmsparse`
+__all__ += ["load", "save_pruned", "export", "inspect_folder"]

@@ -66,8 +66,10 @@ def resolve_source(source: str | os.PathLike | None, gguf_file: str | None = Non
 
 
 def load_model(source=None, *, gguf_file: str | None = None, dtype="auto", device_map=None,
-               trust_remote_code: bool = False, load_tokenizer: bool = True):
+               trust_remote_code: bool = False, load_tokenizer: bool = True, **from_pretrained_kwargs):
     """Load a causal LM and its tokenizer from a hub id, a local folder or a GGUF file.
+
+    Other keyword arguments (``offload_folder``, ``max_memory``, ``config``, ...) go to ``from_pretrained``.
 
     GGUF weights are dequantised by transformers into plain tensors (float32 unless ``dtype`` says otherwise) and
     the quantizer marker is dropped so that the pruned model can be saved with ``save_pretrained``.
@@ -78,7 +80,7 @@ def load_model(source=None, *, gguf_file: str | None = None, dtype="auto", devic
     torch_dtype = parse_dtype(dtype)
     if gguf and torch_dtype == "auto":
         torch_dtype = torch.float32
-    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, **from_pretrained_kwargs)
     if gguf:
         kwargs["gguf_file"] = gguf
     if device_map is not None:
