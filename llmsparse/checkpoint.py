@@ -84,13 +84,14 @@ def load(source, *, device_map=None, dtype="auto", densify: bool = False, verify
     Compact checkpoints come back with ``SparseLinear`` modules (``densify=True``: plain Linear/Conv1D modules and
     no quantization config, as if loaded from a dense export). ``device_map`` (e.g. ``"auto"``, ``"cpu"`` or a
     dict with ``"disk"`` entries, plus ``offload_folder``/``max_memory``) is accelerate's, through
-    transformers. ``verify=False`` checks only headers, index and shapes instead of every compressed byte.
+    transformers; buffers are offloaded with the parameters since the compressed weights are buffers.
+    ``verify=False`` checks only headers, index and shapes instead of every compressed byte.
     """
     from .hf_quantizer import QUANT_METHOD, register
     from .models import load_model
 
     register()
-    extra = {}
+    extra = {"offload_buffers": True} if device_map is not None else {}
     if offload_folder is not None:
         extra["offload_folder"] = str(offload_folder)
     if max_memory is not None:
