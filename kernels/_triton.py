@@ -17,8 +17,9 @@ from ..errors import LlmsparseError
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover - exercised only where triton is absent
-    triton = tl = None
+    triton = tl = libdevice = None
 
 HAS_TRITON = triton is not None
 
@@ -102,3 +103,8 @@ def dot_flags(dtype: torch.dtype) -> dict:
     """
     return {"PRECISION": "ieee" if dtype == torch.float32 else "tf32",
             "UPCAST": bool(interpreting() and dtype == torch.bfloat16)}
+
+
+def hw_popc() -> bool:
+    """Use the GPU's popcount instruction (the interpreter cannot call libdevice; it runs SWAR arithmetic)."""
+    return not interpreting()

@@ -13,39 +13,68 @@ Both load only the compressed bytes and compute in fp32 ("load as sparse, comput
 from __future__ import annotations
 
 from ._triton import tl, triton
-from .tiles import bias_and_store, bitmap_tile, grouped_block, nm24_values, weight_tile
+from .tiles import bias_and_store, bitmap_values, grouped_block, nm24_values, weight_tile
+
+
+@triton.jit
+def nm24_row_dots(x_row, wv_ptr, wm_ptr, rows, row_ok, K, k_start, k_end, w_len, w_words, stride_wv, stride_wm,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """Partial dot products [BLOCK_N] of 2:4 rows with one x row: each stored value gathers its own x element."""
+    VALUES: tl.constexpr = BLOCK_K // 2
+    p = tl.arange(0, VALUES)
+    acc = tl.zeros((BLOCK_N, VALUES), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        v, idx = nm24_values(wv_ptr, wm_ptr, rows, row_ok, k0, w_len, w_words, stride_wv, stride_wm, BLOCK_N, BLOCK_K,
+                             EVEN_K)
+        col = k0 + (p // 2)[None, :] * 4 + idx
+        if EVEN_K:
+            xv = tl.load(x_row + col)
+        else:
+            xv = tl.load(x_row + col, mask=col < K, other=0.0)
+        acc += v.to(tl.float32) * xv.to(tl.float32)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def bitmap_row_dots(x_row, wv_ptr, wm_ptr, wo_ptr, rows, K, k_start, k_end, w_len, w_words, stride_wm,
+                    TILE_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HW_POPC: tl.constexpr,
+                    EVEN_K: tl.constexpr):
+    """Partial dot products [BLOCK_N] of bitmap rows with one x row, tile by tile (kept as [rows, words, 32])."""
+    WORDS: tl.constexpr = BLOCK_K // 32
+    col = tl.arange(0, WORDS)[:, None] * 32 + tl.arange(0, 32)[None, :]
+    acc = tl.zeros((BLOCK_N, WORDS, 32), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        w = bitmap_values(wv_ptr, wm_ptr, wo_ptr, rows, k0, w_len, w_words, stride_wm, TILE_R, BLOCK_N, BLOCK_K,
+                          HW_POPC)
+        if EVEN_K:
+            xv = tl.load(x_row + k0 + col)
+        else:
+            xv = tl.load(x_row + k0 + col, mask=k0 + col < K, other=0.0)
+        acc += w.to(tl.float32) * xv.to(tl.float32)[None, :, :]
+    return tl.sum(tl.sum(acc, axis=2), axis=1)
 
 
 @triton.jit
 def sparse_gemv(x_ptr, wv_ptr, wm_ptr, wo_ptr, bias_ptr, out_ptr,
                 N, K, w_len, w_words, k_per_split,
                 stride_xm, stride_wv, stride_wm, stride_om,
-                FORMAT: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-                TILE_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                FORMAT: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, HW_POPC: tl.constexpr,
+                EVEN_K: tl.constexpr, TILE_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Grid (row blocks of W, K splits, rows of x)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
-    ACC_K: tl.constexpr = BLOCK_K // (2 - FORMAT)  # stored values per step for 2:4, columns for the bitmap
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     x_row = x_ptr + pid_m * stride_xm
-    p = tl.arange(0, ACC_K)
-    acc = tl.zeros((BLOCK_N, ACC_K), dtype=tl.float32)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        if FORMAT == 0:
-            v, idx = nm24_values(wv_ptr, wm_ptr, rows, row_ok, k0, w_len, w_words, stride_wv, stride_wm,
-                                 BLOCK_N, BLOCK_K)
-            col = k0 + (p // 2)[None, :] * 4 + idx
-            xv = tl.load(x_row + col, mask=col < K, other=0.0)
-            acc += v.to(tl.float32) * xv.to(tl.float32)
-        else:
-            w = bitmap_tile(wv_ptr, wm_ptr, wo_ptr, rows, k0, w_len, w_words, stride_wm, TILE_R, BLOCK_N, BLOCK_K)
-            xv = tl.load(x_row + k0 + p, mask=k0 + p < K, other=0.0)
-            acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
-    out = tl.sum(acc, axis=1)
+    if FORMAT == 0:
+        out = nm24_row_dots(x_row, wv_ptr, wm_ptr, rows, row_ok, K, k_start, k_end, w_len, w_words, stride_wv,
+                            stride_wm, BLOCK_N, BLOCK_K, EVEN_K)
+    else:
+        out = bitmap_row_dots(x_row, wv_ptr, wm_ptr, wo_ptr, rows, K, k_start, k_end, w_len, w_words, stride_wm,
+                              TILE_R, BLOCK_N, BLOCK_K, HW_POPC, EVEN_K)
     offs_m = pid_m + tl.arange(0, 1)
     bias_and_store(out[None, :], bias_ptr, out_ptr, offs_m, rows, offs_m >= 0, row_ok, stride_om, pid_k,
                    HAS_BIAS, ATOMIC)
@@ -55,8 +84,8 @@ def sparse_gemv(x_ptr, wv_ptr, wm_ptr, wo_ptr, bias_ptr, out_ptr,
 def sparse_mm(x_ptr, wv_ptr, wm_ptr, wo_ptr, bias_ptr, out_ptr,
               M, N, K, w_len, w_words, k_per_split, m_bucket,
               stride_xm, stride_wv, stride_wm, stride_om,
-              FORMAT: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-              PRECISION: tl.constexpr, UPCAST: tl.constexpr, TILE_R: tl.constexpr,
+              FORMAT: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, HW_POPC: tl.constexpr,
+              EVEN_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, TILE_R: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Grid (x/W row-block pairs in grouped order, K splits). ``m_bucket`` only keys the autotuner."""
     pid_m, pid_n = grouped_block(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -71,10 +100,12 @@ def sparse_mm(x_ptr, wv_ptr, wm_ptr, wo_ptr, bias_ptr, out_ptr,
     k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + kk
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
-                    mask=m_ok[:, None] & (cols < K)[None, :], other=0.0)
+        x_ok = m_ok[:, None]
+        if not EVEN_K:
+            x_ok = x_ok & (cols < K)[None, :]
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :], mask=x_ok, other=0.0)
         w = weight_tile(wv_ptr, wm_ptr, wo_ptr, rows, row_ok, k0, w_len, w_words, stride_wv, stride_wm,
-                        FORMAT, TILE_R, BLOCK_N, BLOCK_K)
+                        FORMAT, TILE_R, BLOCK_N, BLOCK_K, HW_POPC, EVEN_K)
         if UPCAST:
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision=PRECISION)
         else:

@@ -11,6 +11,9 @@ Under ``TRITON_INTERPRET=1`` every path runs on CPU tensors with its first confi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 from ..errors import LlmsparseError
@@ -21,20 +24,18 @@ PATHS = ("gemv", "skinny", "tiled")
 SKINNY_MAX_M = 64
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# Candidate configurations; the first of each list is what the interpreter runs.
-_GEMV_NM24 = [dict(BLOCK_K=256, num_warps=4, num_stages=3), dict(BLOCK_K=128, num_warps=4, num_stages=4),
-              dict(BLOCK_K=256, num_warps=8, num_stages=3), dict(BLOCK_K=512, num_warps=8, num_stages=2)]
-_GEMV_BITMAP = [dict(num_warps=4, num_stages=3), dict(num_warps=8, num_stages=3), dict(num_warps=4, num_stages=2),
-                dict(num_warps=8, num_stages=4)]
-_SKINNY_NM24 = [dict(BLOCK_K=128, num_warps=4, num_stages=3), dict(BLOCK_K=64, num_warps=4, num_stages=4),
-                dict(BLOCK_K=256, num_warps=8, num_stages=3), dict(BLOCK_K=128, num_warps=8, num_stages=4)]
-_SKINNY_BITMAP = [dict(num_warps=4, num_stages=3), dict(num_warps=8, num_stages=3), dict(num_warps=4, num_stages=4)]
+# Candidate configurations; the first of each list is what the interpreter runs. Bitmap blocks are counted in
+# tiles (BLOCK_N = tiles * tile rows, BLOCK_K = tile cols), so they depend on the weight's tile shape.
+_SPLIT = {  # path -> format -> (BLOCK_N or tiles, BLOCK_K or None, num_warps, num_stages)
+    "gemv": {0: [(32, 256, 4, 3), (32, 128, 4, 4), (64, 256, 8, 3), (16, 512, 4, 3)],
+             1: [(1, None, 4, 3), (1, None, 8, 3), (2, None, 8, 3), (1, None, 4, 4)]},
+    "skinny": {0: [(64, 128, 4, 3), (64, 64, 4, 4), (64, 256, 8, 3), (32, 128, 4, 4)],
+               1: [(1, None, 4, 3), (1, None, 8, 3), (2, None, 8, 3)]},
+}
 _TILED = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); bitmap keeps only BLOCK_K == tile cols, BLOCK_N % tile rows
     (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 64, 64, 4, 4),
-    (128, 128, 128, 8, 3), (64, 128, 128, 4, 3), (128, 128, 32, 4, 4), (64, 64, 32, 4, 4),
+    (128, 128, 128, 8, 3), (64, 128, 128, 8, 3), (128, 128, 32, 4, 4), (64, 64, 32, 4, 4),
 ]
-_GEMV_BLOCK_N_NM24 = 32
-_SKINNY_BLOCK_N_NM24 = 64
 
 
 def default_path(m: int) -> str:
@@ -79,16 +80,17 @@ def _tuner(path: str, w: _Weight) -> "_triton.Tuner":
     from .gemm import sparse_gemv, sparse_mm
 
     tr, tc = w.tile
-    if path == "gemv":
-        tuner = _triton.Tuner(sparse_gemv, _GEMV_NM24 if w.format == 0 else _GEMV_BITMAP,
-                              key=["N", "K", "k_per_split", "BLOCK_N"], reset_to_zero=["out_ptr"])
-    elif path == "skinny":
-        tuner = _triton.Tuner(sparse_mm, _SKINNY_NM24 if w.format == 0 else _SKINNY_BITMAP,
-                              key=["N", "K", "k_per_split", "BLOCK_M", "BLOCK_N"], reset_to_zero=["out_ptr"])
+    if path in _SPLIT:
+        configs = [dict(BLOCK_N=bn if w.format == 0 else bn * tr, BLOCK_K=bk if w.format == 0 else tc,
+                        num_warps=nw, num_stages=ns)
+                   for bn, bk, nw, ns in _SPLIT[path][w.format] if w.format == 0 or bn == 1 or bn * tr <= 128]
+        keys = ["N", "K", "k_per_split"] + (["BLOCK_M"] if path == "skinny" else [])
+        tuner = _triton.Tuner(sparse_gemv if path == "gemv" else sparse_mm, configs, key=keys,
+                              reset_to_zero=["out_ptr"])
     else:
         configs = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=nw, num_stages=ns)
                    for bm, bn, bk, nw, ns in _TILED
-                   if w.format == 0 or (bk == tc and bn % tr == 0)]
+                   if w.format == 0 or (bk == tc and bn % tr == 0 and bn <= 128)]
         if not configs:
             configs = [dict(BLOCK_M=64, BLOCK_N=max(tr, 16), BLOCK_K=tc, GROUP_M=8, num_warps=4, num_stages=3)]
         tuner = _triton.Tuner(sparse_mm, configs, key=["m_bucket", "N", "K"])
@@ -119,22 +121,37 @@ def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, pat
     w = _Weight(weight)
     _triton.require(x.device)
     _check(x, w, bias)
-    if path != "auto" and path not in PATHS:
-        raise LlmsparseError(f"unknown kernel path {path!r}: use auto or one of {', '.join(PATHS)}")
     rows, cols = w.shape
     x2 = x.reshape(-1, cols)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    m = x2.shape[0]
-    if m == 0:
+    if x2.shape[0] == 0:
         return x.new_empty(*x.shape[:-1], rows)
-    path = default_path(m) if path == "auto" else path
-    bias_arg = bias.contiguous() if bias is not None else x2
-    if path == "tiled":
-        out = _tiled(x2, w, bias, bias_arg, config)
-    else:
-        out = _split(path, x2, w, bias, bias_arg, config)
+    out = plan(x2, w, bias, path, config, _triton.sm_count(x.device)).run()
     return out.view(*x.shape[:-1], rows)
+
+
+@dataclass
+class Launch:
+    """One planned kernel launch: the tuner, its grid, arguments, and a fixed config (None: autotune)."""
+
+    tuner: "_triton.Tuner"
+    grid: Callable
+    args: tuple
+    kwargs: dict
+    config: dict | None
+    out: torch.Tensor
+    atomic: bool
+
+    def run(self) -> torch.Tensor:
+        self.tuner(self.grid, *self.args, config=self.config, **self.kwargs)
+        return self.out.to(self.args[0].dtype) if self.atomic else self.out
+
+    def candidates(self) -> list[dict]:
+        """Every full set of meta-parameters this launch may run with (what the autotuner chooses among)."""
+        if self.config is not None:
+            return [{**self.kwargs, **self.config}]
+        return [{**self.kwargs, **c} for c in self.tuner.configs]
 
 
 def _check_blocks(w: _Weight, blocks: dict) -> None:
@@ -146,57 +163,56 @@ def _check_blocks(w: _Weight, blocks: dict) -> None:
         raise LlmsparseError(f"2:4 kernels need BLOCK_K a multiple of 32 (one index word), got {blocks['BLOCK_K']}")
 
 
-def _split(path, x2, w: _Weight, bias, bias_arg, config) -> torch.Tensor:
-    """``gemv`` or ``skinny``: fixed row blocks, K split over programs, partial sums added atomically."""
+def plan(x2: torch.Tensor, weight, bias: torch.Tensor | None, path: str, config: dict | None, sms: int) -> Launch:
+    """Plan ``x2 [M, K] @ W.T + bias`` on ``path`` for a device with ``sms`` multiprocessors (no launch)."""
+    w = weight if isinstance(weight, _Weight) else _Weight(weight)
+    if path != "auto" and path not in PATHS:
+        raise LlmsparseError(f"unknown kernel path {path!r}: use auto or one of {', '.join(PATHS)}")
     m, cols = x2.shape
     rows = w.shape[0]
+    path = default_path(m) if path == "auto" else path
     tuner = _tuner(path, w)
-    fixed = {"BLOCK_N": w.tile[0] if w.format else (_GEMV_BLOCK_N_NM24 if path == "gemv" else _SKINNY_BLOCK_N_NM24)}
-    if w.format:
-        fixed["BLOCK_K"] = w.tile[1]
-    if path == "skinny":
-        fixed.update(BLOCK_M=min(SKINNY_MAX_M, max(16, _next_pow2(m))), GROUP_M=1)
+    kwargs = dict(N=rows, K=cols, w_len=w.ints[0], w_words=w.ints[1], stride_xm=x2.stride(0),
+                  stride_wv=w.strides[0], stride_wm=w.strides[1], FORMAT=w.format, HAS_BIAS=bias is not None,
+                  TILE_R=w.tile[0], HW_POPC=_triton.hw_popc())
+    if path != "gemv":
+        kwargs.update(M=m, m_bucket=_next_pow2(m), **_triton.dot_flags(x2.dtype))
+    args = (x2, *w.ptrs, bias.contiguous() if bias is not None else x2)
+    if path == "tiled":
+        if config is not None:
+            config = {**tuner.configs[0], **config}
+            _check_blocks(w, config)
+        out = x2.new_empty(m, rows)
+        grid = lambda meta: (-(-m // meta["BLOCK_M"]) * -(-rows // meta["BLOCK_N"]), 1)  # noqa: E731
+        unit = max(c["BLOCK_K"] for c in ([config] if config else tuner.configs))
+        kwargs.update(k_per_split=max(cols, 1), stride_om=out.stride(0), ATOMIC=False, EVEN_K=cols % unit == 0)
+        return Launch(tuner, grid, (*args, out), kwargs, config, out, False)
+
+    fixed = dict(BLOCK_M=min(SKINNY_MAX_M, max(16, _next_pow2(m))), GROUP_M=1) if path == "skinny" else {}
     k_per_split = None
     if config is not None:  # one fixed variant: everything comes from the config
         config = {**tuner.configs[0], **fixed, **config}
         k_per_split = config.pop("k_per_split", None)
-        fixed, blocks, unit = {}, config, config["BLOCK_K"]
+        fixed, candidates = {}, [config]
     else:
-        blocks, unit = fixed, max(c.get("BLOCK_K", fixed.get("BLOCK_K", 0)) for c in tuner.configs)
-    _check_blocks(w, blocks)
-    x_blocks = m if path == "gemv" else -(-m // blocks["BLOCK_M"])
-    k_per_split = k_per_split or _triton.split_k(-(-rows // blocks["BLOCK_N"]) * x_blocks, cols,
-                                                 _triton.sm_count(x2.device), unit)
+        candidates = [{**fixed, **c} for c in tuner.configs]
+    for c in candidates:
+        _check_blocks(w, c)
+    unit = max(c["BLOCK_K"] for c in candidates)  # every candidate's BLOCK_K divides it (powers of two)
+    x_blocks = m if path == "gemv" else -(-m // candidates[0]["BLOCK_M"])
+    row_blocks = -(-rows // min(c["BLOCK_N"] for c in candidates))
+    k_per_split = k_per_split or _triton.split_k(row_blocks * x_blocks, cols, sms, unit)
     if k_per_split % unit:
         raise LlmsparseError(f"k_per_split {k_per_split} must be a multiple of BLOCK_K {unit}")
     splits = -(-cols // k_per_split)
     atomic = splits > 1
     out = torch.zeros(m, rows, device=x2.device, dtype=torch.float32) if atomic else x2.new_empty(m, rows)
-    kwargs = dict(N=rows, K=cols, w_len=w.ints[0], w_words=w.ints[1], k_per_split=k_per_split,
-                  stride_xm=x2.stride(0), stride_wv=w.strides[0], stride_wm=w.strides[1], stride_om=out.stride(0),
-                  FORMAT=w.format, HAS_BIAS=bias is not None, ATOMIC=atomic, TILE_R=w.tile[0], **fixed)
+    kwargs.update(k_per_split=k_per_split, stride_om=out.stride(0), ATOMIC=atomic, EVEN_K=cols % unit == 0,
+                  **fixed)
     if path == "gemv":
         if m > 65535:
             raise LlmsparseError(f"the gemv path runs one program column per input row, at most 65535, got {m}")
         grid = lambda meta: (-(-rows // meta["BLOCK_N"]), splits, m)  # noqa: E731
     else:
-        kwargs.update(M=m, m_bucket=_next_pow2(m), **_triton.dot_flags(x2.dtype))
         grid = lambda meta: (-(-m // meta["BLOCK_M"]) * -(-rows // meta["BLOCK_N"]), splits)  # noqa: E731
-    tuner(grid, x2, *w.ptrs, bias_arg, out, config=config, **kwargs)
-    return out.to(x2.dtype) if atomic else out
-
-
-def _tiled(x2, w: _Weight, bias, bias_arg, config) -> torch.Tensor:
-    m, cols = x2.shape
-    rows = w.shape[0]
-    out = x2.new_empty(m, rows)
-    tuner = _tuner("tiled", w)
-    if config is not None:
-        config = {**tuner.configs[0], **config}
-        _check_blocks(w, config)
-    grid = lambda meta: (-(-m // meta["BLOCK_M"]) * -(-rows // meta["BLOCK_N"]), 1)  # noqa: E731
-    tuner(grid, x2, *w.ptrs, bias_arg, out, M=m, N=rows, K=cols, w_len=w.ints[0], w_words=w.ints[1],
-          k_per_split=max(cols, 1), m_bucket=_next_pow2(m), stride_xm=x2.stride(0), stride_wv=w.strides[0],
-          stride_wm=w.strides[1], stride_om=out.stride(0), FORMAT=w.format, HAS_BIAS=bias is not None,
-          ATOMIC=False, TILE_R=w.tile[0], config=config, **_triton.dot_flags(x2.dtype))
-    return out
+    return Launch(tuner, grid, (*args, out), kwargs, config, out, atomic)

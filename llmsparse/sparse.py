@@ -134,6 +134,11 @@ class SparseLinear(nn.Module):
             out = sparse_linear(xw, weight, bias)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
+    def chosen_backend(self, x: torch.Tensor) -> str:
+        """The backend ``forward(x)`` uses (after a first call, the timed large-M decision)."""
+        weight = self.weight_format
+        return self._route(x.to(weight.dtype), weight, self.bias)
+
     def _route(self, x: torch.Tensor, weight, bias) -> str:
         from .kernels import _triton
 

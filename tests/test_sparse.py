@@ -179,3 +179,30 @@ def test_bad_arguments_are_refused():
         SparseLinear.from_linear(pruned_linear(), backend="gpu")
     with pytest.raises(LlmsparseError, match="takes nn.Linear"):
         SparseLinear.from_linear(nn.Embedding(4, 4))
+
+
+def test_package_works_without_triton():
+    """Where Triton cannot be imported (macOS, CPU-only installs) the package imports and falls back to dense."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, llmsparse\n"
+        "from llmsparse.kernels import _triton\n"
+        "assert not _triton.HAS_TRITON\n"
+        "lin = torch.nn.Linear(64, 8); lin.weight.data[:, ::2] = 0\n"
+        "model = torch.nn.Sequential(lin)\n"
+        "report = llmsparse.sparsify(model, tile=(8, 32))\n"
+        "x = torch.randn(3, 64)\n"
+        "assert report.totals()['swapped'] == 1 and torch.equal(model(x), lin(x))\n"
+        "try:\n"
+        "    from llmsparse.kernels.ops import sparse_linear\n"
+        "    sparse_linear(x, model[0].weight_format)\n"
+        "except llmsparse.LlmsparseError as e:\n"
+        "    assert 'need Triton' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('no error without triton')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
