@@ -152,10 +152,10 @@ def table(results: list[dict]) -> str:
 
 def write_benchmarks(results: list[dict], command: str) -> None:
     """Replace this benchmark's section of BENCHMARKS.md (between its markers)."""
-    begin, end = "<!-- checkpoint:begin -->", "<!-- checkpoint:end -->"
+    from llmsparse.outputs import write_section
+
     diffs = {r["target"]: r["max_abs_logit_diff"] for r in results}
     section = "\n".join([
-        begin,
         "## Compact checkpoints (issue 5): SmolLM2-135M-Instruct, SparseGPT, size / load time / perplexity",
         "",
         f"Command: `{command}` (run under `nice -n 10` on this project's shared 2-core CPU machine, no GPU; torch "
@@ -172,14 +172,8 @@ def write_benchmarks(results: list[dict], command: str) -> None:
         "measures it with `--device cuda --decode-tokens 128`.",
         "",
         table(results),
-        end,
     ])
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-    if begin in text:
-        text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    BENCHMARKS.write_text(text)
+    write_section(BENCHMARKS, "checkpoint", section)
 
 
 def main(argv=None) -> int:
