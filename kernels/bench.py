@@ -81,40 +81,58 @@ def build_columns(n: int, k: int, dtype, device, seed: int, sparsities, tile, cp
     return cols
 
 
-def bench_shape(n, k, label, ms, dtype, device, seed, sparsities, tile, timers, bandwidth, say) -> list[dict]:
+def _error(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}"[:120]
+
+
+def measure_column(col: dict, x, io_bytes: int, device, timers, bandwidth) -> dict:
+    """Check one competitor against its reference, then time it; a backend that fails records its error."""
     from ..sparse import SparseLinear
 
-    cpu = device.type == "cpu"
-    columns = build_columns(n, k, dtype, device, seed, sparsities, tile, cpu)
+    entry = {"weight_bytes": col["bytes"]}
+    try:
+        copies = [col["make"]() for _ in range(bu.copies_to_defeat_l2(col["bytes"], device))]
+        out = copies[0](x)
+        ref = x.float() @ col["ref"].float().T
+        entry["rel_err"] = ((out.float() - ref).norm() / ref.norm()).item()
+        if isinstance(copies[0], SparseLinear):
+            entry["backend"] = copies[0].chosen_backend(x)
+    except Exception as e:  # noqa: BLE001 - recorded in the table and turned into a failing exit code
+        entry["error"] = _error(e)
+        return entry
+    fn = _rotating([(lambda c: lambda: c(x))(c) for c in copies])
+    for timer in timers:
+        try:
+            ms = bu.time_ms(fn, device, timer)
+        except Exception as e:  # noqa: BLE001 - as above
+            entry[timer] = {"error": _error(e)}
+            continue
+        entry[timer] = {"ms": ms, "gbs": (col["bytes"] + io_bytes) / (ms * 1e-3) / 1e9}
+        if bandwidth:
+            entry[timer]["bw_frac"] = entry[timer]["gbs"] / bandwidth
+    return entry
+
+
+def bench_shape(n, k, label, ms, dtype, device, seed, sparsities, tile, timers, bandwidth, say) -> list[dict]:
+    columns = build_columns(n, k, dtype, device, seed, sparsities, tile, device.type == "cpu")
     rows = []
     for m in ms:
         g = torch.Generator(device=device).manual_seed(seed + m)
         x = torch.randn(m, k, generator=g, device=device).to(dtype)
         io_bytes = (m * k + m * n) * x.element_size()
-        row = {"shape": [n, k], "label": label, "m": m, "columns": {}}
-        for col in columns:
-            copies = [col["make"]() for _ in range(bu.copies_to_defeat_l2(col["bytes"], device))]
-            out = copies[0](x)
-            ref = x.float() @ col["ref"].float().T
-            err = ((out.float() - ref).norm() / ref.norm()).item()
-            entry = {"rel_err": err, "weight_bytes": col["bytes"]}
-            if isinstance(copies[0], SparseLinear):
-                entry["backend"] = copies[0].chosen_backend(x)
-            fn = _rotating([(lambda c: lambda: c(x))(c) for c in copies])
-            for timer in timers:
-                ms_ = bu.time_ms(fn, device, timer)
-                entry[timer] = {"ms": ms_, "gbs": (col["bytes"] + io_bytes) / (ms_ * 1e-3) / 1e9}
-                if bandwidth:
-                    entry[timer]["bw_frac"] = entry[timer]["gbs"] / bandwidth
-            row["columns"][col["name"]] = entry
-            del copies, fn
+        row = {"shape": [n, k], "label": label, "m": m,
+               "columns": {col["name"]: measure_column(col, x, io_bytes, device, timers, bandwidth)
+                           for col in columns}}
         for timer in timers:
-            base = row["columns"]["dense"][timer]["ms"]
+            base = row["columns"]["dense"].get(timer, {}).get("ms")
             for entry in row["columns"].values():
-                entry[timer]["speedup"] = base / entry[timer]["ms"]
+                if base and "ms" in entry.get(timer, {}):
+                    entry[timer]["speedup"] = base / entry[timer]["ms"]
         rows.append(row)
         say(f"{label} {n}x{k} M={m}: " + ", ".join(
-            f"{name} {e[timers[0]]['speedup']:.2f}x" for name, e in row["columns"].items()))
+            f"{name} {e[timers[0]]['speedup']:.2f}x" if "speedup" in e.get(timers[0], {}) else f"{name} n/a"
+            for name, e in row["columns"].items()))
     return rows
 
 
@@ -129,11 +147,15 @@ def tables(rows: list[dict], timer: str) -> str:
             cells = [r["m"]]
             for name in names:
                 e = r["columns"][name]
-                t = e[timer]
+                t = e.get(timer, {})
+                if "ms" not in t:
+                    cells.append(e.get("error") or t.get("error", "—"))
+                    continue
                 bw = f" ({t['bw_frac']:.0%} BW)" if "bw_frac" in t else ""
                 via = f" via {e['backend']}" if e.get("backend") not in (None, "triton") else ""
                 flag = " **WRONG**" if e["rel_err"] > 2e-2 else ""
-                cells.append(f"{t['ms'] * 1e3:.1f} µs, {t['speedup']:.2f}x, {t['gbs']:.0f} GB/s{bw}{via}{flag}")
+                speedup = f"{t['speedup']:.2f}x" if "speedup" in t else "n/a"
+                cells.append(f"{t['ms'] * 1e3:.1f} µs, {speedup}, {t['gbs']:.0f} GB/s{bw}{via}{flag}")
             body.append(cells)
         out.append(f"**{shape[1]}, N x K = {shape[0][0]} x {shape[0][1]}** ({timer})\n\n"
                    + bu.markdown_table(["M", *names], body))
@@ -170,7 +192,9 @@ def main(argv=None) -> int:
         raise LlmsparseError("the real shapes need a CUDA GPU; on CPU run with --tiny")
     if args.shapes:
         try:
-            shapes = [(*(int(v) for v in s.lower().split("x")), s) for s in args.shapes.split(",")]
+            known = {(n, k): label for n, k, label in SHAPES}
+            shapes = [(n, k, known.get((n, k), f"{n}x{k}"))
+                      for n, k in (tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(","))]
         except ValueError:
             raise LlmsparseError(f"--shapes takes NxK pairs, e.g. 4096x4096, got {args.shapes!r}") from None
     else:
@@ -201,16 +225,15 @@ def main(argv=None) -> int:
     for timer in timers:
         print()
         print(tables(rows, timer))
-    wrong = [(r["shape"], r["m"], n) for r in rows for n, e in r["columns"].items() if e["rel_err"] > 2e-2]
+    wrong = [(r["shape"], r["m"], n) for r in rows for n, e in r["columns"].items() if e.get("rel_err", 0) > 2e-2]
+    failed = [(r["shape"], r["m"], n) for r in rows for n, e in r["columns"].items()
+              if "error" in e or any("error" in e.get(t, {}) for t in timers)]
     if wrong:
         print(f"\nWRONG RESULTS (relative error > 2e-2): {wrong}", file=sys.stderr)
-        return 1
-    return 0
+    if failed:
+        print(f"\nFAILED COLUMNS (see the tables): {failed}", file=sys.stderr)
+    return 1 if wrong or failed else 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except LlmsparseError as e:
-        print(f"llmsparse: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    bu.run_script(main)

@@ -252,8 +252,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except LlmsparseError as e:
-        print(f"llmsparse: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    bu.run_script(main)

@@ -90,3 +90,14 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def run_script(main) -> None:
+    """Run a benchmark script's ``main``: bad input prints one ``llmsparse: error:`` line and exits 2."""
+    import sys
+
+    try:
+        sys.exit(main())
+    except LlmsparseError as e:
+        print(f"llmsparse: error: {e}", file=sys.stderr)
+        sys.exit(2)

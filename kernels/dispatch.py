@@ -10,6 +10,7 @@ capture (the Triton path is used there until a decision exists).
 from __future__ import annotations
 
 import statistics
+import time
 from typing import Callable
 
 import torch
@@ -39,30 +40,36 @@ def semi_structured(dense: torch.Tensor):
         return None
 
 
-def time_ms(fn: Callable[[], torch.Tensor], reps: int = 5) -> float:
-    """Median milliseconds of ``fn`` on the current CUDA stream after one warm-up call."""
+def time_ms(fn: Callable[[], torch.Tensor], device: torch.device, reps: int = 5) -> float:
+    """Median milliseconds of ``fn`` after one warm-up call (CUDA events on a GPU, the wall clock elsewhere)."""
     fn()
     times = []
     for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
-def choose(key: tuple, candidates: dict[str, Callable[[], torch.Tensor]], default: str = "triton") -> str:
+def choose(key: tuple, candidates: dict[str, Callable[[], torch.Tensor]], device: torch.device,
+           default: str = "triton") -> str:
     """The fastest candidate for ``key`` (timed now if unknown); ``default`` while a CUDA graph is being captured."""
     if key in _CHOICES:
         return _CHOICES[key][0]
-    if torch.cuda.is_current_stream_capturing():
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return default
     timings = {}
     for name, fn in candidates.items():
         try:
-            timings[name] = time_ms(fn)
+            timings[name] = time_ms(fn, device)
         except (RuntimeError, ValueError, TypeError, NotImplementedError):
             continue  # a backend that cannot run this shape simply does not compete
     winner = min(timings, key=timings.get) if timings else default

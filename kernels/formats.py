@@ -112,7 +112,8 @@ def _need(tensors: dict, name: str, dtype=None, dim=None) -> torch.Tensor:
     if dtype is not None and t.dtype != dtype:
         raise LlmsparseError(f"sparse weight tensor {name!r} has dtype {t.dtype}, expected {dtype}: corrupt checkpoint")
     if dim is not None and t.dim() != dim:
-        raise LlmsparseError(f"sparse weight tensor {name!r} has {t.dim()} dimensions, expected {dim}: corrupt checkpoint")
+        raise LlmsparseError(f"sparse weight tensor {name!r} has {t.dim()} dimensions, expected {dim}: "
+                             f"corrupt checkpoint")
     return t
 
 
@@ -129,8 +130,26 @@ def _check_meta(meta: dict, fmt: str) -> tuple[int, int]:
     return rows, cols
 
 
+class _Format:
+    """What both formats share: ``values`` set the dtype and device; bytes are those of ``to_tensors``."""
+
+    values: torch.Tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.to_tensors()[0].values())
+
+
 @dataclass(eq=False)
-class NMWeight:
+class NMWeight(_Format):
     """N:M weight: ``n`` values per group of ``m`` columns plus packed within-group indices (see module doc)."""
 
     values: torch.Tensor
@@ -154,20 +173,12 @@ class NMWeight:
         return -(-self.shape[1] // self.m)
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
-
-    @property
     def name(self) -> str:
         return f"{self.n}:{self.m}"
 
     @classmethod
     def compress(cls, weight: torch.Tensor, mask: torch.Tensor | None = None, n: int = 2, m: int = 4) -> "NMWeight":
-        """Compress ``weight`` keeping ``mask`` (default: its non-zeros); refuses a mask with more than ``n`` per group."""
+        """Compress ``weight`` keeping ``mask`` (default: its non-zeros); refuses more than ``n`` kept per group."""
         if not (0 < n < m <= 256):
             raise LlmsparseError(f"impossible N:M format {n}:{m}: need 0 < N < M <= 256, e.g. 2:4")
         keep = _check_weight(weight, mask)
@@ -200,7 +211,7 @@ class NMWeight:
         return unpack_bits(self.indices, self.bits, self.groups * self.n)
 
     def columns(self) -> torch.Tensor:
-        """Column of every stored value, ``int64 [rows, groups * n]`` (may exceed ``cols - 1`` only for zero padding)."""
+        """Column of every stored value, ``int64 [rows, groups * n]`` (past ``cols - 1`` only for zero fill)."""
         group = torch.arange(self.groups * self.n, device=self.indices.device) // self.n
         return group * self.m + self.positions()
 
@@ -214,10 +225,6 @@ class NMWeight:
     def nnz(self) -> int:
         """Stored values (including zero fill of under-full groups)."""
         return self.values.numel()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.to_tensors()[0].values())
 
     def ideal_nbytes(self) -> int:
         """Values plus ``bits`` bits per stored value, with no padding of any kind."""
@@ -254,7 +261,7 @@ class NMWeight:
 
 
 @dataclass(eq=False)
-class BitmapWeight:
+class BitmapWeight(_Format):
     """Tiled bitmap weight: a keep bit per weight, each tile's kept values contiguous and 16-byte aligned."""
 
     values: torch.Tensor
@@ -265,14 +272,6 @@ class BitmapWeight:
 
     FORMAT = "bitmap"
     name = "bitmap"
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
 
     @property
     def padded_shape(self) -> tuple[int, int]:
@@ -354,10 +353,6 @@ class BitmapWeight:
         """Kept weights (set bits)."""
         return int(popcount(self.bitmap).sum())
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.to_tensors()[0].values())
-
     def ideal_nbytes(self) -> int:
         """Kept values plus one bit per weight of the unpadded matrix."""
         rows, cols = self.shape
@@ -418,7 +413,8 @@ def _untile(tiles: torch.Tensor, tr: int, tc: int, cols: int) -> torch.Tensor:
     return tiles.view(-1, across, tr, tc).permute(0, 2, 1, 3).reshape(-1, cols)
 
 
-def compress(weight: torch.Tensor, mask: torch.Tensor | None = None, fmt: str = "2:4", tile=DEFAULT_TILE) -> SparseWeight:
+def compress(weight: torch.Tensor, mask: torch.Tensor | None = None, fmt: str = "2:4",
+             tile=DEFAULT_TILE) -> SparseWeight:
     """Compress into ``fmt``: ``"N:M"`` (e.g. ``"2:4"``) or ``"bitmap"``."""
     text = str(fmt).strip().lower()
     if text == "bitmap":

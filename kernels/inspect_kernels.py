@@ -99,8 +99,8 @@ def report(compiled) -> dict:
             "loads": dict(loads), "mma": f"{'/'.join(kinds) or '-'} x{mma}" if mma else "-"}
 
 
-def variants(shapes, ms, dtype, sms: int):
-    """(label, kernel, args, meta) for every candidate config of every planned launch."""
+def variants(shapes, ms, dtype, sms: int, first_only: bool = False):
+    """(label, kernel, args, meta) for every candidate config (or only the first) of every planned launch."""
     from .ops import plan
 
     for n, k in shapes:
@@ -108,7 +108,7 @@ def variants(shapes, ms, dtype, sms: int):
             w = _fake_weight(fmt, n, k, dtype)
             for m in ms:
                 launch = plan(torch.empty(m, k, dtype=dtype), w, None, "auto", None, sms)
-                for meta in launch.candidates():
+                for meta in launch.candidates()[:1] if first_only else launch.candidates():
                     path = "gemv" if "M" not in meta else ("tiled" if meta["ATOMIC"] is False and
                                                            meta["k_per_split"] >= k and m > 64 else "skinny")
                     blocks = {key: meta[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if key in meta}
@@ -125,13 +125,14 @@ def main(argv=None) -> int:
     p.add_argument("--m", default="1,16,2048")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--sms", type=int, default=132, help="SM count assumed by the split-K heuristic (H100 SXM: 132)")
+    p.add_argument("--first", action="store_true", help="only the first candidate config of each launch")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise LlmsparseError("unset TRITON_INTERPRET: inspection compiles real GPU code")
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms = [int(v) for v in args.m.split(",")]
     rows = []
-    for label, kernel, kargs, meta in variants(shapes, ms, bu.DTYPES[args.dtype], args.sms):
+    for label, kernel, kargs, meta in variants(shapes, ms, bu.DTYPES[args.dtype], args.sms, args.first):
         r = report(compile_variant(kernel, kargs, meta, args.arch))
         loads = ", ".join(f"{v} {k}" for k, v in sorted(r["loads"].items()))
         rows.append([label, r["regs"], r["local_bytes"], r["spill_ops"], r["shared"], r["layout_converts"], loads,
@@ -144,8 +145,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except LlmsparseError as e:
-        print(f"llmsparse: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    bu.run_script(main)

@@ -46,8 +46,11 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-class _Weight:
-    """The kernel descriptor of a compressed weight (see ``tiles`` for what each argument means per format)."""
+class KernelWeight:
+    """The kernel descriptor of a compressed weight (see ``tiles`` for what each argument means per format).
+
+    Build it once per weight (``SparseLinear`` caches it) and pass it instead of the format to save per-call work.
+    """
 
     def __init__(self, weight):
         if isinstance(weight, NMWeight):
@@ -72,7 +75,7 @@ class _Weight:
 _TUNERS: dict = {}
 
 
-def _tuner(path: str, w: _Weight) -> "_triton.Tuner":
+def _tuner(path: str, w: KernelWeight) -> "_triton.Tuner":
     """The (cached) tuner of one path and format; bitmap configs depend on the tile shape."""
     key = (path, w.format, w.tile)
     if key in _TUNERS:
@@ -98,7 +101,7 @@ def _tuner(path: str, w: _Weight) -> "_triton.Tuner":
     return tuner
 
 
-def _check(x: torch.Tensor, w: _Weight, bias: torch.Tensor | None) -> None:
+def _check(x: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None) -> None:
     rows, cols = w.shape
     if x.shape[-1] != cols:
         raise LlmsparseError(f"input has {x.shape[-1]} features but the sparse weight takes {cols}")
@@ -113,12 +116,12 @@ def _check(x: torch.Tensor, w: _Weight, bias: torch.Tensor | None) -> None:
 
 def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, path: str = "auto",
                   config: dict | None = None) -> torch.Tensor:
-    """``x @ W.T + bias`` for ``x [..., K]`` and a 2:4 ``NMWeight`` or a ``BitmapWeight`` of shape ``[N, K]``.
+    """``x @ W.T + bias`` for ``x [..., K]`` and a 2:4 ``NMWeight``, a ``BitmapWeight`` or their ``KernelWeight``.
 
     ``path`` is ``auto`` or one of ``PATHS``; ``config`` fixes the kernel's meta-parameters (``BLOCK_*``,
     ``num_warps``, ``num_stages``, and for ``gemv``/``skinny`` ``k_per_split``) instead of autotuning.
     """
-    w = _Weight(weight)
+    w = weight if isinstance(weight, KernelWeight) else KernelWeight(weight)
     _triton.require(x.device)
     _check(x, w, bias)
     rows, cols = w.shape
@@ -154,7 +157,7 @@ class Launch:
         return [{**self.kwargs, **c} for c in self.tuner.configs]
 
 
-def _check_blocks(w: _Weight, blocks: dict) -> None:
+def _check_blocks(w: KernelWeight, blocks: dict) -> None:
     """Block shapes a kernel can run: bitmap blocks are whole tiles, 2:4 steps whole index words."""
     if w.format and (blocks["BLOCK_K"] != w.tile[1] or blocks["BLOCK_N"] % w.tile[0]):
         raise LlmsparseError(f"bitmap kernels need BLOCK_K == tile cols ({w.tile[1]}) and BLOCK_N a multiple of "
@@ -165,7 +168,7 @@ def _check_blocks(w: _Weight, blocks: dict) -> None:
 
 def plan(x2: torch.Tensor, weight, bias: torch.Tensor | None, path: str, config: dict | None, sms: int) -> Launch:
     """Plan ``x2 [M, K] @ W.T + bias`` on ``path`` for a device with ``sms`` multiprocessors (no launch)."""
-    w = weight if isinstance(weight, _Weight) else _Weight(weight)
+    w = weight if isinstance(weight, KernelWeight) else KernelWeight(weight)
     if path != "auto" and path not in PATHS:
         raise LlmsparseError(f"unknown kernel path {path!r}: use auto or one of {', '.join(PATHS)}")
     m, cols = x2.shape

@@ -92,18 +92,14 @@ def load(source, *, device_map=None, dtype="auto", densify: bool = False, verify
 
     register()
     extra = {"offload_buffers": True} if device_map is not None else {}
-    if offload_folder is not None:
-        extra["offload_folder"] = str(offload_folder)
-    if max_memory is not None:
-        extra["max_memory"] = max_memory
     if not verify:
         config = _config(source, gguf_file)
         qc = getattr(config, "quantization_config", None)
         if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD:
             config.quantization_config = {**qc, "verify": False}
             extra["config"] = config
-    model, _ = load_model(source, gguf_file=gguf_file, dtype=dtype, device_map=device_map, load_tokenizer=False,
-                          **extra)
+    model, _ = load_model(source, gguf_file=gguf_file, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                          offload_folder=offload_folder, load_tokenizer=False, **extra)
     if densify:
         to_dense_model(model)
     return model

@@ -47,9 +47,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scope", default="row",
                    help="comparison group of unstructured masks: row (same count per output row, default) or "
                         "layer (whole matrix; SparseGPT: per column block, as in its paper)")
+    p.add_argument("--expert-calibration", default="routed",
+                   help="MoE experts: routed (each expert's statistics from the tokens routed to it; an expert given "
+                        "fewer than 64 tokens uses all tokens) or all (every expert sees every token)")
     p.add_argument("--calib-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block size (default 128)")
     p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening, share of mean diag(H)")
+    p.add_argument("--device-map", default=None,
+                   help="let accelerate place the model (auto, balanced, cpu, ...): for models larger than the GPU or "
+                        "RAM; one decoder layer at a time is materialised on its device")
+    p.add_argument("--max-memory", default=None, help="with --device-map: per-device limits, e.g. 0=70GiB,cpu=100GiB")
+    p.add_argument("--offload-folder", default=None, help="with --device-map: folder for weights offloaded to disk")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="keep the calibration activations on disk (one batch in memory at a time)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run from its last finished layer (same settings and --out)")
+    p.add_argument("--no-checkpoint", action="store_true",
+                   help="don't commit finished layers to <out>.llmsparse-work (saves disk writes; no --resume)")
     p.add_argument("--out", default=None, help="output folder (default: <model name>-<method>-<pattern>)")
     p.add_argument("--save-format", choices=SAVE_FORMATS, default="dense",
                    help="dense: plain safetensors with zeros, for any tool (default); compact: each pruned Linear "
@@ -107,7 +121,9 @@ def _default_out(model: str | None, method: str, pattern) -> str:
 def cmd_prune(args) -> int:
     from .checkpoint import save_pruned
     from .config import PruneConfig
-    from .models import DEMO_TEXT, load_model
+    from pathlib import Path
+
+    from .models import DEMO_TEXT, load_model, parse_max_memory
     from .outputs import check_output_dir
     from .progress import say
     from .pruner import prune
@@ -119,6 +135,7 @@ def cmd_prune(args) -> int:
         nsamples=args.nsamples or (DEMO["nsamples"] if demo else 128),
         seqlen=args.seqlen or (DEMO["seqlen"] if demo else 2048),
         seed=args.seed, ignore=args.ignore, calib_batch_size=args.calib_batch_size, scope=args.scope,
+        expert_calibration=args.expert_calibration,
         blocksize=args.blocksize, percdamp=args.percdamp,
     )
     out = args.out or _default_out(args.model, args.method, config.parsed_pattern())
@@ -126,8 +143,13 @@ def cmd_prune(args) -> int:
     verbose = not args.quiet
     if demo:
         say("no model given: pruning the bundled stories260K demo model on its bundled TinyStories sample", verbose)
-    model, tokenizer = load_model(args.model, gguf_file=args.gguf_file, dtype=args.dtype)
-    report = prune(model, tokenizer, config, device=args.device, progress=verbose)
+    work = None if args.no_checkpoint else f"{str(out).rstrip('/')}.llmsparse-work"
+    if args.resume and (work is None or not Path(work, "state.json").exists()):
+        say(f"--resume: no unfinished run found in {work}; starting from the first layer", verbose)
+    model, tokenizer = load_model(args.model, gguf_file=args.gguf_file, dtype=args.dtype, device_map=args.device_map,
+                                  max_memory=parse_max_memory(args.max_memory), offload_folder=args.offload_folder)
+    report = prune(model, tokenizer, config, device=args.device, progress=verbose,
+                   offload_activations=args.offload_activations, checkpoint_dir=work, resume=args.resume)
     manifest = {"model": args.model or "stories260K (bundled demo)", "gguf_file": args.gguf_file,
                 "dtype": str(next(model.parameters()).dtype), **report.to_json()}
     save_pruned(model, tokenizer, out, manifest, save_format=args.save_format, overwrite=args.overwrite,

@@ -23,6 +23,7 @@ class PruneConfig:
     ignore: list[str] = field(default_factory=list)
     calib_batch_size: int = 1
     scope: str = "row"
+    expert_calibration: str = "routed"
     blocksize: int = 128
     percdamp: float = 0.01
 
@@ -38,6 +39,8 @@ class PruneConfig:
             raise LlmsparseError(f"seqlen must be at least 2, got {self.seqlen}")
         if not (0 <= self.percdamp < 1):
             raise LlmsparseError(f"percdamp must be in [0, 1), got {self.percdamp!r}")
+        if self.expert_calibration not in ("routed", "all"):
+            raise LlmsparseError(f"unknown expert calibration {self.expert_calibration!r}: choose routed or all")
         if self.scope not in SCOPES:
             raise LlmsparseError(f"unknown scope {self.scope!r}: choose row or layer")
         self.ignore = list(self.ignore or [])

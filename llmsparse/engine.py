@@ -18,8 +18,12 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .models import find_decoder_layers
+from .models import find_decoder_layers, weight_matrix
+from .offload import DiskStore, MemoryStore, home_device, is_dispatched, layer_on_device
 from .stats import InputStats, StatsCollector
+
+
+MIN_EXPERT_TOKENS = 64
 
 
 class _Captured(Exception):
@@ -28,14 +32,29 @@ class _Captured(Exception):
 
 @dataclass
 class LayerInputs:
-    """The cached inputs of the current layer: one hidden-state tensor per batch, plus shared call arguments."""
+    """The cached inputs of the current layer: one hidden-state tensor per batch (in a memory or disk store), plus
+    the other call arguments (position embeddings, masks), stored once when equal across batches."""
 
-    hidden: list[torch.Tensor]
+    hidden: MemoryStore | DiskStore
     args: list[tuple]
     kwargs: list[dict]
+    cache_device: torch.device = torch.device("cpu")
+    _placed: dict = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.hidden)
+
+    def call_args(self, i: int, device: torch.device) -> tuple[tuple, dict]:
+        """Batch ``i``'s extra arguments on ``device`` (moved once per device and shared value)."""
+        key = (i, str(device))
+        if key not in self._placed:
+            prev = self._placed.get((i - 1, str(device)))
+            args, kwargs = _to(self.args[i], device), _to(self.kwargs[i], device)
+            if prev is not None:
+                args = _share_equal(args, prev[0])
+                kwargs = {k: _share_equal(v, prev[1].get(k)) for k, v in kwargs.items()}
+            self._placed[key] = (args, kwargs)
+        return self._placed[key]
 
 
 def _share_equal(value, previous):
@@ -89,15 +108,19 @@ def front_on_device(model: nn.Module, layers: nn.ModuleList, device):
 
 
 def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: Iterable[torch.Tensor], device,
-                         cache_device) -> LayerInputs:
-    """Run the model's front on each batch of token ids and record what layer 0 is called with."""
+                         cache_device, store=None) -> LayerInputs:
+    """Run the model's front on each batch of token ids and record what layer 0 is called with.
+
+    Hidden states go to ``store`` (a ``MemoryStore`` on ``cache_device`` by default, or a ``DiskStore``); the other
+    arguments stay on ``device``, stored once when equal across batches.
+    """
     record: dict = {}
 
     def pre_hook(module, args, kwargs):
         record["args"], record["kwargs"] = args, kwargs
         raise _Captured
 
-    inputs = LayerInputs([], [], [])
+    inputs = LayerInputs(MemoryStore() if store is None else store, [], [])
     handle = layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
         with front_on_device(model, layers, device):
@@ -119,6 +142,7 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: Itera
                     kwargs = {k: _share_equal(v, inputs.kwargs[-1].get(k)) for k, v in kwargs.items()}
                     rest = _share_equal(rest, inputs.args[-1])
                 inputs.hidden.append(hidden.detach().to(cache_device))
+                inputs.cache_device = torch.device(cache_device)
                 inputs.args.append(rest)
                 inputs.kwargs.append(kwargs)
     finally:
@@ -128,17 +152,6 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: Itera
 
 def _layer_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
-
-
-@contextlib.contextmanager
-def layer_on_device(layer: nn.Module, device):
-    """Materialise one decoder layer on the execution device for the duration of its visit."""
-    home = next((p.device for p in layer.parameters()), torch.device(device))
-    layer.to(device)
-    try:
-        yield layer
-    finally:
-        layer.to(home)
 
 
 @dataclass
@@ -152,76 +165,131 @@ class LayerRun:
     device: torch.device
     on_batch: Callable[[str, int, int], None] | None = None
     _outputs: list | None = field(default=None, repr=False)
+    _last_collector: StatsCollector | None = field(default=None, repr=False)
     modified: bool = False
 
     def forward(self, i: int) -> torch.Tensor:
         """The layer's output for cached batch ``i`` (on the execution device)."""
         hidden = self.inputs.hidden[i].to(self.device)
-        out = self.layer(hidden, *self.inputs.args[i], **self.inputs.kwargs[i])
-        return _layer_output(out)
+        args, kwargs = self.inputs.call_args(i, self.device)
+        return _layer_output(self.layer(hidden, *args, **kwargs))
 
-    def collect(self, modules: dict[str, nn.Module], needs, keep_outputs: bool = False) -> dict[str, InputStats]:
+    def collect(self, modules: dict, needs, keep_outputs: bool = False,
+                all_expert_tokens: bool = False) -> dict[str, InputStats]:
         """Run every cached batch through the layer with hooks on ``modules``; return their input statistics.
 
-        Modules that received no token (an MoE expert never routed to) get empty statistics (``tokens == 0``).
+        Fused MoE experts get statistics from the tokens routed to them; an expert routed fewer than
+        ``MIN_EXPERT_TOKENS`` tokens (or every expert, with ``all_expert_tokens``) is calibrated on all tokens.
         With ``keep_outputs`` the outputs are kept, so ``propagate`` can reuse them if no weight changes.
         """
-        outputs = [] if keep_outputs else None
-        collector = StatsCollector(modules, needs)
+        stats = self._collect(modules, needs, keep_outputs, all_expert_tokens)
+        starved = {name: t for hook in self._last_collector.experts for e in hook.starved(MIN_EXPERT_TOKENS)
+                   for name, t in modules.items() if getattr(t, "experts", None) is hook.module
+                   and t.expert == e} if not all_expert_tokens else {}
+        if starved:
+            stats.update(self._collect(starved, needs, False, True))
+        for name, module in modules.items():
+            if name not in stats:
+                stats[name] = InputStats(weight_matrix(module).shape[1], self.device, needs)
+        return stats
+
+    def _collect(self, modules: dict, needs, keep_outputs: bool, all_expert_tokens: bool) -> dict[str, InputStats]:
+        if self._outputs is not None:
+            self._outputs.close()
+        outputs = self.inputs.hidden.fresh() if keep_outputs else None
+        collector = StatsCollector(modules, needs, all_expert_tokens)
+        self._last_collector = collector
         with collector:
             for i in range(len(self.inputs)):
                 collector.new_batch()
                 out = self.forward(i)
                 if outputs is not None:
-                    outputs.append(out.to(self.inputs.hidden[i].device))
+                    outputs.append(out.to(self.inputs.cache_device))
                 if self.on_batch:
                     self.on_batch("calibrate", i + 1, len(self.inputs))
-        self._outputs = outputs
-        stats = collector.stats
-        for name, module in modules.items():
-            if name not in stats:
-                cols = module.weight.shape[1] if isinstance(module, nn.Linear) else module.weight.shape[0]
-                stats[name] = InputStats(cols, self.device, needs)
-        return stats
+        if keep_outputs:
+            self._outputs = outputs
+        return collector.stats
 
     def propagate(self) -> None:
         """Replace the cached inputs with this layer's outputs: the next layer's inputs."""
         if self._outputs is not None and not self.modified:
-            self.inputs.hidden[:] = self._outputs
+            self.inputs.hidden.replace_with(self._outputs)
         else:
+            if self._outputs is not None:
+                self._outputs.close()
             for i in range(len(self.inputs)):
-                self.inputs.hidden[i] = self.forward(i).to(self.inputs.hidden[i].device)
+                self.inputs.hidden[i] = self.forward(i).to(self.inputs.cache_device)
                 if self.on_batch:
                     self.on_batch("propagate", i + 1, len(self.inputs))
         self._outputs = None
 
 
+def auto_cache_device(device: torch.device, batches: list[torch.Tensor], hidden_size: int | None) -> torch.device:
+    """Keep the activation cache on the execution device when two copies fit in 40% of its free memory, else CPU."""
+    if device.type != "cuda" or hidden_size is None:
+        return device
+    tokens = sum(b.numel() for b in batches)
+    need = 2 * tokens * hidden_size * 4
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if need < 0.4 * free else torch.device("cpu")
+
+
 def walk_layers(model: nn.Module, token_batches: Iterable[torch.Tensor], visit: Callable[[LayerRun], None], *,
-                device, cache_device=None, on_layer: Callable[[int, int], None] | None = None,
+                device, cache_device=None, offload_activations: bool = False, checkpoint=None,
+                on_layer: Callable[[int, int], None] | None = None,
                 on_batch: Callable[[str, int, int], None] | None = None) -> None:
     """Visit every decoder layer in order with the pruned outputs of the previous one.
 
     ``visit(run)`` may call ``run.collect`` any number of times and must set ``run.modified`` when it changes
-    weights. ``on_layer(i, total)`` reports progress.
+    weights. Layers dispatched by accelerate run on their own device (several GPUs) or, when offloaded to CPU or
+    disk, on ``device``. ``offload_activations`` keeps the activation cache on disk, one batch in memory at a time.
+    ``checkpoint`` (a ``resume.LayerCheckpoint``) commits every finished layer and resumes after the last one.
+    ``on_layer(i, total)`` reports progress.
     """
+    from .models import text_config
+
     device = torch.device(device)
-    cache_device = torch.device(cache_device) if cache_device is not None else device
+    token_batches = list(token_batches)
+    if cache_device is None:
+        cache_device = auto_cache_device(device, token_batches, getattr(text_config(model.config), "hidden_size", None))
+    cache_device = torch.device(cache_device)
     prefix, layers = find_decoder_layers(model)
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
+    inputs = None
     try:
         with torch.no_grad():
-            inputs = capture_layer_inputs(model, layers, token_batches, device, cache_device)
-            inputs.args = [_to(a, device) for a in inputs.args]
-            inputs.kwargs = [_to(k, device) for k in inputs.kwargs]
-            for index in range(len(layers)):
+            store = DiskStore() if offload_activations else MemoryStore()
+            inputs = capture_layer_inputs(model, layers, token_batches, device, cache_device, store)
+            start = 0
+            if checkpoint is not None and checkpoint.resuming:
+                checkpoint.restore_layers(layers, device)
+                inputs.hidden.close()
+                inputs.hidden = checkpoint.cached_inputs(offload_activations)
+                start = checkpoint.next_layer
+            for index in range(start, len(layers)):
                 if on_layer:
                     on_layer(index, len(layers))
-                with layer_on_device(layers[index], device) as layer:
-                    run = LayerRun(index, f"{prefix}.{index}", layer, inputs, device, on_batch)
+                layer_device = placement(layers[index], device)
+                with layer_on_device(layers[index], layer_device) as layer:
+                    run = LayerRun(index, f"{prefix}.{index}", layer, inputs, layer_device, on_batch)
                     visit(run)
                     if index + 1 < len(layers):
                         run.propagate()
+                    if checkpoint is not None:
+                        checkpoint.commit(index, layer, inputs.hidden)
     finally:
+        if inputs is not None:
+            inputs.hidden.close()
         if use_cache is not None:
             model.config.use_cache = use_cache
+
+
+def placement(layer: nn.Module, device: torch.device) -> torch.device:
+    """Where a layer runs: its accelerate device when dispatched to an accelerator, else ``device``."""
+    if is_dispatched(layer):
+        home = home_device(layer, device)
+        if home.type not in ("cpu", "meta"):
+            return home
+    return device

@@ -65,14 +65,30 @@ def resolve_source(source: str | os.PathLike | None, gguf_file: str | None = Non
     return src, gguf_file
 
 
-def load_model(source=None, *, gguf_file: str | None = None, dtype="auto", device_map=None,
-               trust_remote_code: bool = False, load_tokenizer: bool = True, **from_pretrained_kwargs):
+def parse_max_memory(text: str | None) -> dict | None:
+    """``"0=70GiB,1=70GiB,cpu=200GiB"`` → accelerate's max_memory mapping."""
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not value.strip():
+            raise LlmsparseError(f"malformed --max-memory entry {part!r}: write DEVICE=SIZE, e.g. 0=70GiB,cpu=200GiB")
+        key = key.strip()
+        out[int(key) if key.isdigit() else key] = value.strip()
+    return out
+
+
+def load_model(source=None, *, gguf_file: str | None = None, dtype="auto", device_map=None, max_memory=None,
+               offload_folder=None, trust_remote_code: bool = False, load_tokenizer: bool = True,
+               **from_pretrained_kwargs):
     """Load a causal LM and its tokenizer from a hub id, a local folder or a GGUF file.
 
-    Other keyword arguments (``offload_folder``, ``max_memory``, ``config``, ...) go to ``from_pretrained``.
-
+    ``device_map`` (e.g. ``"auto"``, with ``max_memory`` and ``offload_folder``) lets accelerate spread a model over
+    several GPUs, CPU memory and disk; the pruning engine then materialises one decoder layer at a time.
     GGUF weights are dequantised by transformers into plain tensors (float32 unless ``dtype`` says otherwise) and
-    the quantizer marker is dropped so that the pruned model can be saved with ``save_pretrained``.
+    the quantizer marker is dropped so that the pruned model can be saved with ``save_pretrained``. Other keyword
+    arguments (``config``, ``offload_buffers``, ...) go to ``from_pretrained``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -85,6 +101,10 @@ def load_model(source=None, *, gguf_file: str | None = None, dtype="auto", devic
         kwargs["gguf_file"] = gguf
     if device_map is not None:
         kwargs["device_map"] = device_map
+        if max_memory:
+            kwargs["max_memory"] = max_memory
+        if offload_folder:
+            kwargs["offload_folder"] = str(offload_folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
         tokenizer = None
@@ -171,8 +191,11 @@ def is_prunable(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2
 
 
-def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The weight as [out_features, in_features] (a transposed view for Conv1D)."""
+def weight_matrix(module) -> torch.Tensor:
+    """The weight as [out_features, in_features]: a transposed view for Conv1D, one expert's slice (a view) for
+    fused MoE experts."""
+    if hasattr(module, "matrix"):
+        return module.matrix()
     return module.weight.t() if type(module).__name__ == "Conv1D" else module.weight
 
 
@@ -190,24 +213,35 @@ class Targets:
     skipped: dict[str, str]
 
 
-def find_targets(layer: nn.Module, prefix: str, ignore=()) -> Targets:
-    """Prunable modules in ``layer`` (full names), minus router gates and names matching ``ignore`` globs.
+def find_targets(layer: nn.Module, prefix: str, ignore=(), experts: bool = True) -> Targets:
+    """Prunable weights in ``layer`` (full names), minus router gates and names matching ``ignore`` globs.
 
-    Fused expert tensors (3-D parameters of transformers 5 MoE blocks) are reported as skipped.
+    Fused MoE experts (3-D parameters of transformers 5) contribute one target per expert and projection, named
+    ``...experts.gate_up_proj.E`` / ``...experts.down_proj.E``; with ``experts=False`` they are reported as skipped.
     """
+    from .experts import expert_weights, is_fused_experts
+
     modules, skipped = {}, {}
+
+    def ignored(full: str, rel: str) -> bool:
+        return any(fnmatch.fnmatchcase(full, p) or fnmatch.fnmatchcase(rel, p) for p in ignore)
+
     for rel, module in layer.named_modules():
         full = f"{prefix}.{rel}" if rel else prefix
         if is_prunable(module):
             leaf = rel.rsplit(".", 1)[-1]
             if leaf in ROUTER_NAMES:
                 skipped[full] = "router gate (never pruned)"
-            elif any(fnmatch.fnmatchcase(full, p) or fnmatch.fnmatchcase(rel, p) for p in ignore):
+            elif ignored(full, rel):
                 skipped[full] = "matched --ignore"
             else:
                 modules[full] = module
-            continue
-        for pname, param in module.named_parameters(recurse=False):
-            if param.dim() == 3:
-                skipped[f"{full}.{pname}"] = "fused 3-D expert weights (not pruned by this version)"
+        elif is_fused_experts(module):
+            for name, target in expert_weights(module, full).items():
+                if not experts:
+                    skipped[name] = "fused expert weights (experts not pruned)"
+                elif ignored(name, name[len(prefix) + 1:]):
+                    skipped[name] = "matched --ignore"
+                else:
+                    modules[name] = target
     return Targets(modules, skipped)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import resource
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from .masks import sparsity_of
 from .methods import get_method
 from .models import find_decoder_layers, find_targets, max_positions, set_weight_matrix, weight_matrix
 from .progress import LayerProgress, say
+from .resume import LayerCheckpoint, tensor_digest
 
 
 def default_device() -> str:
@@ -45,6 +47,7 @@ class PruneReport:
     memory: dict = field(default_factory=dict)
     model_sparsity: float = 0.0
     method_options: dict = field(default_factory=dict)
+    _started: float = field(default_factory=time.perf_counter, repr=False)
 
     @property
     def targeted_params(self) -> int:
@@ -81,6 +84,19 @@ class PruneReport:
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         }
 
+    def resume_state(self) -> dict:
+        """What a resumed run needs to finish this report (saved with every layer checkpoint)."""
+        return {"modules": self.modules, "layers": self.layers, "skipped": self.skipped,
+                "elapsed_s": time.perf_counter() - self._started}
+
+    def load_resume_state(self, state: dict) -> None:
+        self._started = time.perf_counter()
+        if state:
+            self.modules.update(state["modules"])
+            self.layers.extend(state["layers"])
+            self.skipped.update(state["skipped"])
+            self.times["resumed_after_s"] = round(state["elapsed_s"], 3)
+
     def summary(self) -> str:
         """A per-layer table and the totals, for the terminal."""
         lines = [f"{'layer':>5}  {'modules':>7}  {'sparsity':>8}  {'seconds':>7}"]
@@ -97,6 +113,18 @@ class PruneReport:
                 reasons[reason] = reasons.get(reason, 0) + 1
             lines.append("skipped: " + "; ".join(f"{n} × {r}" for r, n in reasons.items()))
         return "\n".join(lines)
+
+
+def model_fingerprint(model: nn.Module) -> dict:
+    """Identifies a model for resumption: its class, config and the content of its first decoder layer."""
+    import hashlib
+
+    _, layers = find_decoder_layers(model)
+    first = next((p for p in layers[0].parameters() if p.device.type != "meta"), None)
+    config = json.dumps(model.config.to_diff_dict(), sort_keys=True, default=str)
+    return {"class": type(model).__name__, "layers": len(layers),
+            "config": hashlib.sha256(config.encode()).hexdigest()[:16],
+            "first_weight": tensor_digest(first) if first is not None else None}
 
 
 def check_seqlen(model: nn.Module, seqlen: int) -> None:
@@ -135,12 +163,15 @@ def model_sparsity(model: nn.Module) -> float:
 
 
 def prune(model: nn.Module, tokenizer=None, config: PruneConfig | None = None, *, calibration: torch.Tensor | None = None,
-          device=None, cache_device=None, progress: bool = True, **settings) -> PruneReport:
+          device=None, cache_device=None, offload_activations: bool = False, checkpoint_dir=None,
+          resume: bool = False, progress: bool = True, **settings) -> PruneReport:
     """Prune ``model`` in place and return a report.
 
     Settings are a ``PruneConfig`` or its fields as keywords (``method``, ``sparsity``/``pattern``, ``calib``,
     ``nsamples``, ``seqlen``, ``seed``, ``ignore``, ...). ``calibration`` may give the token windows directly as a
     LongTensor [nsamples, seqlen]; otherwise they are drawn from ``config.calib`` with ``tokenizer``.
+    ``offload_activations`` keeps the activation cache on disk. With ``checkpoint_dir`` every finished layer is
+    committed there, and ``resume=True`` continues a killed run from its last finished layer.
     """
     if config is None:
         config = PruneConfig.from_kwargs(**settings)
@@ -170,7 +201,8 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | None = None, *
         report.skipped.update(targets.skipped)
         zeros = params = 0
         if targets.modules:
-            stats = run.collect(targets.modules, method.needs)
+            stats = run.collect(targets.modules, method.needs,
+                                all_expert_tokens=config.expert_calibration == "all")
             for name, module in targets.modules.items():
                 weight = weight_matrix(module).detach().float()
                 solution = method.solve(weight, stats[name], pattern)
@@ -186,9 +218,16 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | None = None, *
         report.layers.append({"index": run.index, "name": run.name, "modules": len(targets.modules),
                               "sparsity": zeros / max(params, 1), "seconds": round(time.perf_counter() - t0, 3)})
 
+    checkpoint = None
+    if checkpoint_dir is not None:
+        fingerprint = {"settings": config.to_json(), "calibration": tensor_digest(calibration),
+                       "model": model_fingerprint(model)}
+        checkpoint = LayerCheckpoint(checkpoint_dir, fingerprint, resume, state_fn=report.resume_state)
+        report.load_resume_state(checkpoint.state)
     batches = calibration.split(config.calib_batch_size)
     try:
         walk_layers(model, batches, visit, device=device, cache_device=cache_device,
+                    offload_activations=offload_activations, checkpoint=checkpoint,
                     on_layer=bar.on_layer, on_batch=bar.on_batch)
     except torch.cuda.OutOfMemoryError as e:
         raise LlmsparseError(
@@ -196,7 +235,9 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | None = None, *
         ) from e
     finally:
         bar.close()
-    report.times["prune_s"] = round(time.perf_counter() - started, 3)
+    if checkpoint is not None:
+        checkpoint.finish()
+    report.times["prune_s"] = round(time.perf_counter() - started + report.times.get("resumed_after_s", 0.0), 3)
     report.memory = peak_memory()
     report.model_sparsity = model_sparsity(model)
     say(report.summary(), progress)

@@ -37,6 +37,9 @@ class SparseLinear(nn.Module):
     def __init__(self, weight: fmts.SparseWeight, bias: torch.Tensor | None = None, *, backend: str = "auto",
                  cusparselt="auto", cache_dense: bool = False):
         super().__init__()
+        if not isinstance(weight, (NMWeight, BitmapWeight)):
+            raise LlmsparseError(f"SparseLinear holds an NMWeight or BitmapWeight, got {type(weight).__name__}: "
+                                 f"use SparseLinear.from_linear for a Linear")
         if backend not in BACKENDS:
             raise LlmsparseError(f"unknown SparseLinear backend {backend!r}: use one of {', '.join(BACKENDS)}")
         self.out_features, self.in_features = weight.shape
@@ -48,8 +51,7 @@ class SparseLinear(nn.Module):
         self.backend = backend
         self.cusparselt = cusparselt
         self.cache_dense = cache_dense
-        self._dense = None
-        self._semi = None
+        self._dense = self._semi = self._format = self._kernel_weight_cache = None
 
     @classmethod
     def from_linear(cls, linear: nn.Module, fmt: str | None = None, mask: torch.Tensor | None = None,
@@ -71,8 +73,19 @@ class SparseLinear(nn.Module):
 
     @property
     def weight_format(self) -> fmts.SparseWeight:
-        """The compressed weight as a format object over this module's current buffers."""
-        return fmts.from_tensors({n: getattr(self, n) for n in self._names}, self.format_meta, check=False)
+        """The compressed weight as a format object over this module's buffers (cached until they move)."""
+        if self._format is None or any(getattr(self._format, n) is not getattr(self, n) for n in self._names):
+            self._format = fmts.from_tensors({n: getattr(self, n) for n in self._names}, self.format_meta, check=False)
+            self._kernel_weight_cache = None
+        return self._format
+
+    def _kernel_weight(self):
+        weight = self.weight_format
+        if self._kernel_weight_cache is None:
+            from .kernels.ops import KernelWeight
+
+            self._kernel_weight_cache = KernelWeight(weight)
+        return self._kernel_weight_cache
 
     @property
     def nbytes(self) -> int:
@@ -109,7 +122,7 @@ class SparseLinear(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         """Casts and moves reach the buffers; caches are dropped and a bitmap re-packed if a cast misaligned it."""
-        self._dense = self._semi = None
+        self._dense = self._semi = self._format = self._kernel_weight_cache = None
         out = super()._apply(fn, *args, **kwargs)
         weight = self.weight_format
         if isinstance(weight, BitmapWeight):
@@ -131,7 +144,7 @@ class SparseLinear(nn.Module):
         else:
             from .kernels.ops import sparse_linear
 
-            out = sparse_linear(xw, weight, bias)
+            out = sparse_linear(xw, self._kernel_weight(), bias)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def chosen_backend(self, x: torch.Tensor) -> str:
@@ -153,15 +166,17 @@ class SparseLinear(nn.Module):
         if m <= SKINNY_MAX_M:
             return "triton"
         key = (weight.FORMAT, *weight.shape, str(x.dtype), str(x.device), _next_pow2(m))
-        if dispatch.decided(key):
-            return dispatch.decided(key)
-        candidates = {"triton": lambda: sparse_linear(x, weight, bias),
-                      "dense": lambda: F.linear(x, weight.decompress(), bias)}
-        if self._semi_candidate(weight):
-            candidates["cusparselt"] = lambda: F.linear(x, self._semi, bias)
-        choice = dispatch.choose(key, candidates)
-        if choice != "cusparselt":
-            self._semi = None
+        choice = dispatch.decided(key)
+        if choice is None:
+            candidates = {"triton": lambda: sparse_linear(x, self._kernel_weight(), bias),
+                          "dense": lambda: F.linear(x, weight.decompress(), bias)}
+            if self._semi_candidate(weight):
+                candidates["cusparselt"] = lambda: F.linear(x, self._semi, bias)
+            choice = dispatch.choose(key, candidates, x.device)
+            if choice != "cusparselt":
+                self._semi = None
+        if choice == "dense" and torch.cuda.is_current_stream_capturing():
+            return "triton"  # decompressing synchronises, which a CUDA graph capture forbids
         return choice
 
     def _semi_candidate(self, weight) -> bool:
@@ -181,7 +196,8 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         fmt = self.format_meta["format"]
-        name = f"{self.format_meta['n']}:{self.format_meta['m']}" if fmt == "nm" else f"bitmap{self.format_meta['tile']}"
+        meta = self.format_meta
+        name = f"{meta['n']}:{meta['m']}" if fmt == "nm" else f"bitmap{meta['tile']}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"format={name}, backend={self.backend}")
 

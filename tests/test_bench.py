@@ -16,7 +16,7 @@ def test_kernel_bench_checks_and_tabulates_every_column(tmp_path, capsys):
     from llmsparse.kernels import bench
 
     out = tmp_path / "bench.json"
-    assert bench.main(["--tiny", "--shapes", "48x128", "--m", "1,80", "--sparsities", "0.7", "--quiet",
+    assert bench.main(["--tiny", "--shapes", "32x64", "--m", "1,80", "--sparsities", "0.7", "--quiet",
                        "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert [r["m"] for r in report["rows"]] == [1, 80]
@@ -67,3 +67,20 @@ def test_e2e_bench_refuses_bad_arguments():
         bench_e2e.main(["--device", "cpu"])
     with pytest.raises(LlmsparseError, match="--patterns"):
         bench_e2e.main(["--tiny", "--patterns", "4:8"])
+
+
+def test_kernel_bench_reports_a_failing_column_and_exits_non_zero(monkeypatch, capsys):
+    from llmsparse.kernels import bench
+
+    real = bench.build_columns
+
+    def with_broken(*args, **kwargs):
+        def broken():
+            raise RuntimeError("no kernel image for this device")
+
+        return real(*args, **kwargs)[:1] + [dict(name="broken", bytes=1, ref=None, make=broken)]
+
+    monkeypatch.setattr(bench, "build_columns", with_broken)
+    assert bench.main(["--tiny", "--shapes", "32x64", "--m", "1", "--sparsities", "0.7", "--quiet"]) == 1
+    out = capsys.readouterr()
+    assert "RuntimeError: no kernel image for this device" in out.out and "FAILED COLUMNS" in out.err

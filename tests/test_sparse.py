@@ -206,3 +206,39 @@ def test_package_works_without_triton():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_large_m_dispatch_keeps_the_fastest_backend_that_runs():
+    import time
+
+    from llmsparse.kernels import dispatch
+
+    calls = {"slow": 0, "fast": 0}
+
+    def slow():
+        calls["slow"] += 1
+        time.sleep(0.01)
+
+    def fast():
+        calls["fast"] += 1
+
+    def broken():
+        raise RuntimeError("cannot run this shape")
+
+    key = ("test", 1, 2, "float32", "cpu", 1024)
+    cpu = torch.device("cpu")
+    assert dispatch.choose(key, {"slow": slow, "fast": fast, "broken": broken}, cpu) == "fast"
+    assert set(dispatch.choices()[key][1]) == {"slow", "fast"}
+    seen = dict(calls)
+    assert dispatch.choose(key, {"slow": slow, "fast": fast}, cpu) == "fast" and calls == seen  # cached, not re-timed
+    assert dispatch.decided(key) == "fast" and dispatch.decided(("other",)) is None
+
+
+def test_forward_sees_buffers_replaced_after_the_first_call():
+    linear = pruned_linear(pattern="2:4", bias=False)
+    sparse = SparseLinear.from_linear(linear)
+    x = torch.randn(2, 100)
+    with torch.no_grad():
+        first = sparse(x)
+        sparse.values = sparse.values * 2
+        assert torch.allclose(sparse(x), 2 * first)
