@@ -78,39 +78,57 @@ def _declared(model: nn.Module) -> dict:
     return (sc or {}).get("modules", {})
 
 
+def _real(model: nn.Module, name: str, tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """``tensor`` itself, or its value from accelerate's offload store when the model keeps it on the meta device."""
+    if tensor is None or not tensor.is_meta:
+        return tensor
+    from transformers.integrations.accelerate import load_offloaded_parameter
+
+    return load_offloaded_parameter(model, name)
+
+
+def _in_memory(model: nn.Module, name: str, sparse: SparseLinear) -> SparseLinear:
+    """``sparse``, or a copy with real buffers when its tensors are offloaded (disk or CPU offload)."""
+    if not any(t.is_meta for t in [*sparse.buffers(), *sparse.parameters()]):
+        return sparse
+    tensors = {n: _real(model, f"{name}.{n}", getattr(sparse, n)) for n in sparse.weight_format.to_tensors()[0]}
+    bias = _real(model, f"{name}.bias", sparse.bias)
+    return SparseLinear(fmts.from_tensors(tensors, sparse.format_meta, check=False), bias)
+
+
 def describe_and_compress(model: nn.Module, tile=fmts.DEFAULT_TILE) -> tuple[dict, list]:
     """The sparsity_config ``modules`` table and the ``(name, SparseLinear)`` swaps that realise it.
 
     Modules already ``SparseLinear`` keep their format; weights shared with another module (tied embeddings) and
-    weights that no format stores smaller stay dense.
+    weights that no format stores smaller stay dense. Offloaded weights are read from accelerate's store, one
+    module at a time.
     """
     shared, declared = _shared_weights(model), _declared(model)
     modules, swaps = {}, []
     for name, module in model.named_modules():
         if isinstance(module, SparseLinear):
-            weight = module.weight_format
-            if weight.values.is_meta:
-                raise LlmsparseError(f"{name}: its weights are offloaded (meta device): load the model without disk "
-                                     f"offload to save it")
+            sparse = _in_memory(model, name, module)
+            weight = sparse.weight_format
             origin = declared.get(name, {}).get("module", "Linear")
             modules[name] = _entry(origin, weight.shape, weight.dtype, int((weight.values != 0).sum()), weight.name,
-                                   "already sparse", module)
+                                   "already sparse", sparse)
+            if sparse is not module:
+                swaps.append((name, sparse))
             continue
         if not is_prunable(module):
             continue
-        weight = weight_matrix(module).detach()
-        if weight.is_meta:
-            raise LlmsparseError(f"{name}: its weight is offloaded (meta device): load the model without disk "
-                                 f"offload to save it")
+        stored = _real(model, f"{name}.weight", module.weight).detach()
+        weight = stored.t() if type(module).__name__ == "Conv1D" else stored
         keep = weight != 0
         if id(module.weight) in shared:
             fmt, compressed, reason = "dense", None, "weight tied to another module (e.g. the embeddings)"
         else:
             fmt, compressed, reason = choose_format(weight, keep, tile)
-        sparse = SparseLinear(compressed, module.bias) if compressed is not None else None
-        modules[name] = _entry(type(module).__name__, weight.shape, weight.dtype, int(keep.sum()), fmt, reason, sparse)
-        if sparse is not None:
+        sparse = None
+        if compressed is not None:
+            sparse = SparseLinear(compressed, _real(model, f"{name}.bias", module.bias))
             swaps.append((name, sparse))
+        modules[name] = _entry(type(module).__name__, weight.shape, weight.dtype, int(keep.sum()), fmt, reason, sparse)
     return modules, swaps
 
 
@@ -223,9 +241,6 @@ def finish_loading(model: nn.Module) -> None:
 
 def dense_module(sparse: SparseLinear, module_type: str) -> nn.Module:
     """The plain module a ``SparseLinear`` stands for: ``nn.Linear``, or transformers' ``Conv1D`` ([in, out])."""
-    if sparse.values.is_meta:
-        raise LlmsparseError("densify needs every sparse layer in memory: load without disk/CPU offload in "
-                             "device_map, or keep the model sparse")
     linear = sparse.to_linear()
     if module_type != "Conv1D":
         return linear
@@ -242,14 +257,21 @@ def dense_module(sparse: SparseLinear, module_type: str) -> nn.Module:
 
 
 def dense_swaps(model: nn.Module) -> list:
-    """``(name, dense module)`` for every ``SparseLinear`` of the model, in the module type the model declared."""
+    """``(name, dense module)`` for every ``SparseLinear`` of the model, in the module type the model declared
+    (offloaded ones read from accelerate's store), for writing a dense checkpoint."""
     declared = _declared(model)
-    return [(name, dense_module(m, declared.get(name, {}).get("module", "Linear")))
+    return [(name, dense_module(_in_memory(model, name, m), declared.get(name, {}).get("module", "Linear")))
             for name, m in model.named_modules() if isinstance(m, SparseLinear)]
 
 
 def restore_dense(model: nn.Module) -> int:
-    """Replace every ``SparseLinear`` by its dense module in place (the quantization config is left to the caller)."""
+    """Replace every ``SparseLinear`` by its dense module in place (the quantization config is left to the caller).
+
+    Offloaded layers are refused: their accelerate hooks hold the compressed tensors, not modules to swap.
+    """
+    if any(isinstance(m, SparseLinear) and m.values.is_meta for m in model.modules()):
+        raise LlmsparseError("densify needs every sparse layer in memory: load without disk/CPU offload in "
+                             "device_map, or keep the model sparse")
     swaps = dense_swaps(model)
     for name, module in swaps:
         _replace(model, name, module)

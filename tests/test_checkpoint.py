@@ -209,6 +209,31 @@ def test_device_map_offloads_sparse_layers_to_disk(tmp_path):
     auto = llmsparse.load(out, device_map="auto", max_memory={"cpu": "30KB"}, offload_folder=tmp_path / "o2")
     assert "disk" in set(auto.hf_device_map.values())
     assert (logits(auto, ids) - ref).abs().max() <= ATOL
+    with pytest.raises(llmsparse.LlmsparseError, match="densify needs every sparse layer in memory"):
+        llmsparse.load(out, device_map=device_map, offload_folder=tmp_path / "o3", densify=True)
+    for fmt in ("compact", "dense"):  # offloaded layers are read back from accelerate's store to be saved
+        again = save_pruned(back, None, tmp_path / f"again-{fmt}", save_format=fmt)
+        assert (logits(llmsparse.load(again), ids) - ref).abs().max() <= ATOL
+    assert all(m.values.is_meta for m in sparse_modules(back.model.layers[1]).values())
+
+
+def test_a_model_pruned_with_disk_offload_saves_compact(tmp_path):
+    """``prune --device-map`` keeps some layers on disk; the compact writer reads them from accelerate's store."""
+    settings = dict(method="magnitude", pattern="2:4", calib=str(DEMO_TEXT), nsamples=2, seqlen=32, progress=False,
+                    device="cpu")
+    reference, tok = load_model(str(need(STORIES)))
+    llmsparse.prune(reference, tok, **settings)
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
+                  "model.layers.0": "cpu", "model.layers.1": "cpu", "model.layers.2": "disk",
+                  "model.layers.3": "disk", "model.layers.4": "cpu"}
+    model, _ = load_model(str(need(STORIES)), device_map=device_map, offload_folder=tmp_path / "offload")
+    llmsparse.prune(model, tok, **settings)
+    assert model.model.layers[2].self_attn.q_proj.weight.is_meta
+    out = save_pruned(model, tok, tmp_path / "c", save_format="compact")
+    back = llmsparse.load(out)
+    assert len(sparse_modules(back)) == 35
+    ids = torch.randint(0, 512, (1, 12))
+    assert (logits(back, ids) - logits(reference, ids)).abs().max() <= ATOL
 
 
 def test_from_pretrained_after_import_and_a_cast_on_load(tmp_path):
