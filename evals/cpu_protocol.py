@@ -146,10 +146,10 @@ def table(results: dict[str, dict]) -> str:
 
 def write_benchmarks(results: dict[str, dict], command: str) -> None:
     """Replace this benchmark's section of BENCHMARKS.md (between its markers) with the current table."""
-    begin, end = "<!-- cpu-protocol:begin -->", "<!-- cpu-protocol:end -->"
+    from llmsparse.outputs import write_section
+
     threads = sorted({r.get("threads") for r in results.values()})
     section = "\n".join([
-        begin,
         "## CPU protocol (issue 2): SmolLM2-135M-Instruct, 32×512 C4 calibration, WikiText-2 first 80×512 windows",
         "",
         f"Measured on this project's 2-core CPU machine (no GPU), torch threads {threads}, dates "
@@ -159,14 +159,8 @@ def write_benchmarks(results: dict[str, dict], command: str) -> None:
         "treat times as rough. Peak RSS includes loading the GGUF model.",
         "",
         table(results),
-        end,
     ])
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-    if begin in text:
-        text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    BENCHMARKS.write_text(text)
+    write_section(BENCHMARKS, "cpu-protocol", section)
 
 
 def main(argv=None) -> int:

@@ -22,6 +22,7 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .allocation import ALLOCATIONS
+    from .checkpoint import SAVE_FORMATS
     from .methods import DEFAULT_METHOD, METHODS, REFINERS
 
     parser = argparse.ArgumentParser(prog="llmsparse", description="Post-training sparsification of Hugging Face LLMs.")
@@ -81,9 +82,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DSnoT: regrowth ranks W_ij*E[x_j] / Var(x_j)^power")
     p.add_argument("--refine-iters", type=int, default=10, help="refit: conjugate-gradient iterations (default 10)")
     p.add_argument("--out", default=None, help="output folder (default: <model name>-<method>-<pattern>)")
+    p.add_argument("--save-format", choices=SAVE_FORMATS, default="dense",
+                   help="dense: plain safetensors with zeros, for any tool (default); compact: each pruned Linear "
+                        "in its smallest format (2:4, bitmap), loaded back by llmsparse.load")
+    p.add_argument("--max-shard-size", default=None, help="largest weight file, e.g. 5GB (default: transformers')")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress or summary")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("export", help="re-save a model folder as compact or dense safetensors",
+                       description="Load a model folder (compact or dense) and write it in another format.")
+    p.add_argument("folder", help="local model folder (compact or dense)")
+    p.add_argument("--format", dest="save_format", choices=SAVE_FORMATS, required=True,
+                   help="compact (smallest format per pruned Linear) or dense (plain safetensors for other tools)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--dtype", default="auto", help="auto (the folder's), float32, bfloat16, float16")
+    p.add_argument("--max-shard-size", default=None, help="largest weight file, e.g. 5GB (default: transformers')")
+    p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("inspect", help="per-module format, sparsity and bytes of a model folder",
+                       description="Sizes of a compact or dense folder against dense and the formats' ideal.")
+    p.add_argument("folder", help="local model folder (compact or dense)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("ppl", help="perplexity over non-overlapping windows of a text file")
     _add_model_args(p, required=True)
@@ -169,8 +192,27 @@ def cmd_prune(args) -> int:
                    offload_activations=args.offload_activations, checkpoint_dir=work, resume=args.resume)
     manifest = {"model": args.model or "stories260K (bundled demo)", "gguf_file": args.gguf_file,
                 "dtype": str(next(model.parameters()).dtype), **report.to_json()}
-    save_pruned(model, tokenizer, out, manifest, overwrite=args.overwrite)
-    say(f"saved to {out}", verbose)
+    save_pruned(model, tokenizer, out, manifest, save_format=args.save_format, overwrite=args.overwrite,
+                max_shard_size=args.max_shard_size)
+    say(f"saved to {out} ({args.save_format})", verbose)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .checkpoint import export
+    from .progress import say
+
+    out = export(args.folder, args.out, args.save_format, overwrite=args.overwrite,
+                 max_shard_size=args.max_shard_size, dtype=args.dtype)
+    say(f"exported {args.folder} to {out} ({args.save_format})", not args.quiet)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .sizes import inspect_folder
+
+    report = inspect_folder(args.folder)
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.summary())
     return 0
 
 

@@ -80,13 +80,15 @@ def parse_max_memory(text: str | None) -> dict | None:
 
 
 def load_model(source=None, *, gguf_file: str | None = None, dtype="auto", device_map=None, max_memory=None,
-               offload_folder=None, trust_remote_code: bool = False, load_tokenizer: bool = True):
+               offload_folder=None, trust_remote_code: bool = False, load_tokenizer: bool = True,
+               **from_pretrained_kwargs):
     """Load a causal LM and its tokenizer from a hub id, a local folder or a GGUF file.
 
     ``device_map`` (e.g. ``"auto"``, with ``max_memory`` and ``offload_folder``) lets accelerate spread a model over
     several GPUs, CPU memory and disk; the pruning engine then materialises one decoder layer at a time.
     GGUF weights are dequantised by transformers into plain tensors (float32 unless ``dtype`` says otherwise) and
-    the quantizer marker is dropped so that the pruned model can be saved with ``save_pretrained``.
+    the quantizer marker is dropped so that the pruned model can be saved with ``save_pretrained``. Other keyword
+    arguments (``config``, ``offload_buffers``, ...) go to ``from_pretrained``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -94,7 +96,7 @@ def load_model(source=None, *, gguf_file: str | None = None, dtype="auto", devic
     torch_dtype = parse_dtype(dtype)
     if gguf and torch_dtype == "auto":
         torch_dtype = torch.float32
-    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, **from_pretrained_kwargs)
     if gguf:
         kwargs["gguf_file"] = gguf
     if device_map is not None:

@@ -49,3 +49,20 @@ def write_json(path, data) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def write_section(path, name: str, body: str, title: str = "# Benchmarks") -> None:
+    """Replace the part of a Markdown file between ``<!-- name:begin -->`` and ``<!-- name:end -->`` with ``body``.
+
+    The section is appended when the file lacks it, and the file is created (with ``title``) when missing, so each
+    benchmark owns its section of a shared BENCHMARKS.md.
+    """
+    path = Path(path)
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    section = f"{begin}\n{body}\n{end}"
+    text = path.read_text() if path.exists() else f"{title}\n"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text)
