@@ -72,7 +72,7 @@ class StatsCollector:
         self.needs = frozenset(needs)
         self.stats: dict[str, InputStats] = {}
         self._owner: dict[str, str] = {}
-        self._seen: dict[tuple, str] = {}
+        self._seen: list[tuple[torch.Tensor, str]] = []
         self._handles = []
 
     def __enter__(self):
@@ -86,22 +86,23 @@ class StatsCollector:
         self._handles.clear()
 
     def new_batch(self) -> None:
-        """Call before each forward so that aliasing is decided from tensors of the same batch."""
+        """Call before each forward: aliasing is decided by tensor identity within one batch."""
         self._seen.clear()
 
     def _hook(self, name):
         def hook(module, args, output):
             x = args[0]
-            key = (x.data_ptr(), tuple(x.shape), x._version)
             if name not in self._owner:
-                owner = self._seen.get(key)
+                # Identity, not address: a freed tensor's address can be reused by an unrelated one.
+                owner = next((seen_name for t, seen_name in self._seen if t is x), None)
                 if owner is None:
                     self.stats[name] = InputStats(x.shape[-1], x.device, self.needs)
                     owner = name
                 else:
                     self.stats[name] = self.stats[owner]
                 self._owner[name] = owner
-            self._seen.setdefault(key, name)
+            if not any(t is x for t, _ in self._seen):
+                self._seen.append((x, name))
             if self._owner[name] == name:
                 self.stats[name].add(x)
         return hook
