@@ -10,8 +10,9 @@ A recipe is ``name``, ``description`` and ``steps``: a list whose items are sing
       - eval: {tasks: [arc_easy, piqa]}
 
 Every error names the file, the line and the key. ``run_recipe`` runs the steps in order; step ``i`` writes the
-folder ``OUT/<i>-<kind>`` atomically with a ``step.json`` record, and a later run skips steps whose folder exists
-with the same settings and input, so an interrupted run resumes where it stopped.
+folder ``OUT/<i>-<kind>`` atomically with a ``step.json`` record. A later run reuses the steps whose record shows
+the same settings and input, so an interrupted run resumes where it stopped; from the first step that changed, it
+runs every step again.
 """
 
 from __future__ import annotations
@@ -526,23 +527,20 @@ def run_recipe(recipe: Recipe, model: str, out, device=None, overwrite: bool = F
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / RUN_RECORD, record)
     ctx = StepContext(model=str(model), original=str(model), recipe=recipe, device=device, progress=progress)
-    folders = []
+    folders, rerun = [], False
     for i, step in enumerate(recipe.steps, 1):
         folder = step_folder(out, i, step)
         expected = {"kind": step.kind, "settings": step.settings, "input": ctx.model}
         done = _read_record(folder / STEP_RECORD)
-        if done is not None and {k: done.get(k) for k in expected} == expected:
+        if not rerun and done is not None and {k: done.get(k) for k in expected} == expected:
             say(f"step {i} {step.kind}: done earlier ({folder}), reusing", progress)
         else:
-            if folder.exists():
-                if done is not None:
-                    raise LlmsparseError(f"{folder} was made with other settings or input: use --overwrite to "
-                                         "start again, or another --out")
-                shutil.rmtree(folder)
-            say(f"step {i} {step.kind}: {step.settings or 'defaults'}", progress)
-            with atomic_directory(folder) as tmp:
+            why = "" if done is None else " (settings or input changed since the last run: redoing it)"
+            say(f"step {i} {step.kind}: {step.settings or 'defaults'}{why}", progress)
+            with atomic_directory(folder, overwrite=True) as tmp:
                 STEPS[step.kind](step, ctx, tmp)
                 write_json(tmp / STEP_RECORD, expected)
+            rerun = True  # every later step consumes this output, so it runs again too
         folders.append(folder)
         if step.kind in MAKES_MODEL:
             ctx.model = str(folder)

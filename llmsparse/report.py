@@ -136,7 +136,7 @@ def describe_pattern(settings: dict) -> str:
 
 def models_table(run: dict) -> list[str]:
     """How each model was made: method, pattern, calibration, seed and any further setting in llmsparse.json."""
-    lines = ["| model | source | method | pattern | calibration | seed | other settings | measured sparsity |",
+    lines = ["| model | source | method | pattern | calibration | seed | other settings (not default) | sparsity |",
              "|---|---|---|---|---|---|---|---|"]
     for model in run["models"]:
         s = pruning_settings(model)
@@ -144,12 +144,22 @@ def models_table(run: dict) -> list[str]:
             row = [model["label"], f"`{model['source']}`", "dense (no llmsparse.json)", "—", "—", "—", "—"]
         else:
             calib = f"{Path(str(s.get('calib', '?'))).name}, {s.get('nsamples', '?')} × {s.get('seqlen', '?')} tokens"
-            other = ", ".join(f"{k}={_short(v)}" for k, v in s.items() if k not in STANDARD_SETTINGS)
+            defaults = _prune_defaults()
+            other = ", ".join(f"{k}={_short(v)}" for k, v in s.items()
+                              if k not in STANDARD_SETTINGS and v not in (None, [], "") and defaults.get(k) != v)
             row = [model["label"], f"`{model['source']}`", str(s.get("method", "?")), describe_pattern(s), calib,
                    str(s.get("seed", "—")), other or "—"]
         row.append(f"{model['sparsity']:.4f}")
         lines.append("| " + " | ".join(row) + " |")
     return lines
+
+
+def _prune_defaults() -> dict:
+    from dataclasses import MISSING, fields
+
+    from .config import PruneConfig
+
+    return {f.name: f.default for f in fields(PruneConfig) if f.default is not MISSING}
 
 
 def _short(value) -> str:

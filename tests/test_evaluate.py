@@ -14,7 +14,6 @@ from llmsparse.localtasks import plan_tasks
 
 BENCH = ASSETS / "bench"
 LIMIT = 5
-TASKS = ["arc_easy", "arc_challenge", "boolq", "piqa", "winogrande", "lambada_openai", "hellaswag"]
 
 
 def _jsonl(path):
@@ -78,26 +77,40 @@ def loglikelihood(model, tokenizer, context: str, continuation: str, max_length:
     return logp.gather(1, target_t[:, None]).sum().item(), bool((logp.argmax(-1) == target_t).all())
 
 
+# The CI runs lm-eval once over four tasks of different shapes (one context and several continuations, yes/no,
+# PIQA's original files, WinoGrande's partial evaluation); the other three run with -m slow.
+FAST = ("arc_easy", "boolq", "piqa", "winogrande")
+SLOW = ("arc_challenge", "lambada_openai", "hellaswag")
+_RUNS: dict = {}
+
+
 @pytest.fixture(scope="module")
-def lm_eval_run():
-    """One lm-eval run over every local task (first LIMIT rows), with per-sample outputs."""
+def stories():
     from llmsparse.models import load_model
 
     need(STORIES), need(BENCH)
-    model, tokenizer = load_model(str(STORIES))
-    settings = EvalSettings(tasks=TASKS, limit=LIMIT, batch_size=4)
-    plan = plan_tasks(TASKS, offline="test")
-    try:
-        out = run_lm_eval(model, tokenizer, plan, settings, log_samples=True, verbose=False)
-    finally:
-        plan.close()
-    return model, tokenizer, plan, out
+    return load_model(str(STORIES))
 
 
-@pytest.mark.parametrize("task", TASKS)
-def test_local_task_equals_direct_loglikelihoods(lm_eval_run, task):
-    model, tokenizer, plan, out = lm_eval_run
-    name = plan.names[TASKS.index(task)]
+def lm_eval_run(stories, tasks: tuple) -> tuple[dict, dict]:
+    """lm-eval over ``tasks`` (first LIMIT rows) with per-sample outputs, once per group; and the name mapping."""
+    if tasks not in _RUNS:
+        model, tokenizer = stories
+        plan = plan_tasks(list(tasks), offline="test")
+        try:
+            out = run_lm_eval(model, tokenizer, plan, EvalSettings(tasks=list(tasks), limit=LIMIT, batch_size=4),
+                              log_samples=True, verbose=False)
+        finally:
+            plan.close()
+        _RUNS[tasks] = out, dict(zip(tasks, plan.names))
+    return _RUNS[tasks]
+
+
+@pytest.mark.parametrize("task", list(FAST) + [pytest.param(t, marks=pytest.mark.slow) for t in SLOW])
+def test_local_task_equals_direct_loglikelihoods(stories, task):
+    model, tokenizer = stories
+    out, names = lm_eval_run(stories, FAST if task in FAST else SLOW)
+    name = names[task]
     samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
     rows = reference_rows(task, LIMIT)
     assert [s["doc_id"] for s in samples] == list(range(LIMIT)) and out["n-samples"][name]["effective"] == LIMIT
