@@ -46,7 +46,6 @@ class Setting:
     kind: str  # "str", "int", "float", "bool", "list[str]", "tasks" (a list or a comma-separated string), "any"
     nullable: bool = False
     check: Callable[[Any], str | None] | None = None
-    help: str = ""
 
 
 def _choice(*options) -> Callable[[Any], str | None]:
@@ -82,20 +81,20 @@ def _annotation_kind(annotation: str) -> tuple[str, bool]:
 
 # Settings of DSnoT refinement and OWL allocation, validated here and passed to PruneConfig once it has them.
 PLANNED_PRUNE = {
-    "refine": Setting("str", check=_choice("none", "dsnot"), help="mask refinement after solve"),
-    "allocation": Setting("str", check=_choice("uniform", "owl"), help="per-layer sparsity allocation"),
-    "owl_m": Setting("float", check=_at_least(0, strict=True), help="OWL outlier threshold M"),
-    "owl_lambda": Setting("float", check=_in_unit, help="OWL's largest deviation from the target per layer"),
-    "refine_max_cycles": Setting("int", check=_at_least(1), help="DSnoT's most prune-and-grow cycles per row"),
-    "refine_threshold": Setting("float", check=_at_least(0), help="DSnoT's stopping threshold"),
+    "refine": Setting("str", check=_choice("none", "dsnot")),  # mask refinement after solve
+    "allocation": Setting("str", check=_choice("uniform", "owl")),  # per-layer sparsity allocation
+    "owl_m": Setting("float", check=_at_least(0, strict=True)),  # OWL outlier threshold M
+    "owl_lambda": Setting("float", check=_in_unit),  # OWL's largest deviation from the target per layer
+    "refine_max_cycles": Setting("int", check=_at_least(1)),  # DSnoT's most prune-and-grow cycles per row
+    "refine_threshold": Setting("float", check=_at_least(0)),  # DSnoT's stopping threshold
 }
 PLANNED_DEFAULTS = {"refine": "none", "allocation": "uniform"}
 
 SCHEMAS: dict[str, dict[str, Setting]] = {
     "prune": _prune_schema(),
-    "export": {"format": Setting("str", check=_choice(*SAVE_FORMATS), help="dense or compact")},
+    "export": {"format": Setting("str", check=_choice(*SAVE_FORMATS))},
     "finetune": {
-        "data": Setting("str", help="training text: a .txt/.jsonl file or a named set"),
+        "data": Setting("str"),  # training text: a .txt/.jsonl file or a named set
         "max_steps": Setting("int", check=_at_least(1)),
         "learning_rate": Setting("float", check=_at_least(0, strict=True)),
         "batch_size": Setting("int", check=_at_least(1)),
@@ -118,12 +117,12 @@ SCHEMAS: dict[str, dict[str, Setting]] = {
         "num_fewshot": Setting("int", nullable=True, check=_at_least(0)),
         "batch_size": Setting("int", check=_at_least(1)),
         "data_path": Setting("str", nullable=True),
-        "ppl_text": Setting("str", nullable=True, help="wikitext2, a file, or null to skip"),
+        "ppl_text": Setting("str", nullable=True),  # wikitext2, a file, or null to skip
         "ppl_seqlen": Setting("int", nullable=True, check=_at_least(2)),
         "ppl_windows": Setting("int", nullable=True, check=_at_least(1)),
         "bootstrap_iters": Setting("int", check=_at_least(0)),
         "seed": Setting("int", check=_at_least(0)),
-        "compare_dense": Setting("bool", help="also evaluate the input model, as the report's baseline"),
+        "compare_dense": Setting("bool"),  # also evaluate the input model, as the report's baseline
     },
 }
 TOP_LEVEL = {"name": "str", "description": "str", "steps": "list"}
@@ -396,7 +395,9 @@ def _need(module: str, step: str):
     """Import a part of llmsparse that a step needs, or say clearly that this build lacks it."""
     try:
         return importlib.import_module(module)
-    except ImportError:
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
         raise LlmsparseError(f"step {step} needs {module}, not available in this build") from None
 
 
@@ -448,24 +449,21 @@ def step_export(step: Step, ctx: StepContext, folder: Path) -> None:
     write_json(folder / checkpoint.MANIFEST, {**_manifest_of(ctx.model), "save_format": fmt})
 
 
-def step_finetune(step: Step, ctx: StepContext, folder: Path) -> None:
-    from .checkpoint import MANIFEST, write_dense
+def model_step(module: str, function: str) -> Callable[[Step, StepContext, Path], None]:
+    """A step that changes the model in place with ``<module>.<function>(model, tokenizer, **settings)``, then
+    saves it; the module is imported only when the step runs (a clear error when this build lacks it)."""
 
-    training = _need("llmsparse.training", "finetune")
-    model, tokenizer, _ = _load(ctx.model)
-    training.finetune(model, tokenizer, **step.settings)
-    write_dense(model, tokenizer, folder)
-    write_json(folder / MANIFEST, {**_manifest_of(ctx.model), "finetune": step.settings})
+    def run(step: Step, ctx: StepContext, folder: Path) -> None:
+        from .checkpoint import MANIFEST, write_dense
 
+        change = getattr(_need(module, step.kind), function)
+        model, tokenizer, _ = _load(ctx.model)
+        change(model, tokenizer, **step.settings)
+        write_dense(model, tokenizer, folder)
+        write_json(folder / MANIFEST, {**_manifest_of(ctx.model), step.kind: step.settings})
 
-def step_moefy(step: Step, ctx: StepContext, folder: Path) -> None:
-    from .checkpoint import MANIFEST, write_dense
-
-    moe = _need("llmsparse.moe", "moefy")
-    model, tokenizer, _ = _load(ctx.model)
-    moe.moefy(model, tokenizer, **step.settings)
-    write_dense(model, tokenizer, folder)
-    write_json(folder / MANIFEST, {**_manifest_of(ctx.model), "moefy": step.settings})
+    run.module = module
+    return run
 
 
 def step_eval(step: Step, ctx: StepContext, folder: Path) -> None:
@@ -482,10 +480,10 @@ def step_eval(step: Step, ctx: StepContext, folder: Path) -> None:
 
 
 STEPS: dict[str, Callable[[Step, StepContext, Path], None]] = {
-    "prune": step_prune, "export": step_export, "finetune": step_finetune, "moefy": step_moefy, "eval": step_eval,
+    "prune": step_prune, "export": step_export, "finetune": model_step("llmsparse.training", "finetune"),
+    "moefy": model_step("llmsparse.moe", "moefy"), "eval": step_eval,
 }
 MAKES_MODEL = {"prune", "export", "finetune", "moefy"}
-REQUIRES = {"finetune": "llmsparse.training", "moefy": "llmsparse.moe"}
 
 
 def preflight(recipe: Recipe) -> None:
@@ -493,8 +491,9 @@ def preflight(recipe: Recipe) -> None:
     from . import checkpoint
 
     for step in recipe.steps:
-        if step.kind in REQUIRES:
-            _need(REQUIRES[step.kind], step.kind)
+        module = getattr(STEPS[step.kind], "module", None)
+        if module:
+            _need(module, step.kind)
         if step.kind == "prune":
             prune_config(step.settings)
         fmt = step.settings.get("format", "dense") if step.kind == "export" else "dense"
@@ -509,9 +508,12 @@ def step_folder(out: Path, index: int, step: Step) -> Path:
 
 def run_recipe(recipe: Recipe, model: str, out, device=None, overwrite: bool = False,
                progress: bool = True) -> list[Path]:
-    """Run the recipe's steps on ``model``; returns the step folders. Finished steps are reused when resuming."""
-    from .progress import say
+    """Run the recipe's steps on ``model``; returns the step folders. Finished steps are reused when resuming.
+
+    A run folder that this call created is removed again if its first step fails (no empty run left behind).
+    """
     from .outputs import check_output_dir
+    from .progress import say
 
     preflight(recipe)
     out = Path(out).expanduser()
@@ -524,26 +526,32 @@ def run_recipe(recipe: Recipe, model: str, out, device=None, overwrite: bool = F
             shutil.rmtree(out)
         elif previous["model"] != record["model"]:
             raise LlmsparseError(f"{out} holds a run on model {previous['model']}: use --overwrite or another --out")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / RUN_RECORD, record)
     ctx = StepContext(model=str(model), original=str(model), recipe=recipe, device=device, progress=progress)
     folders, rerun = [], False
-    for i, step in enumerate(recipe.steps, 1):
-        folder = step_folder(out, i, step)
-        expected = {"kind": step.kind, "settings": step.settings, "input": ctx.model}
-        done = _read_record(folder / STEP_RECORD)
-        if not rerun and done is not None and {k: done.get(k) for k in expected} == expected:
-            say(f"step {i} {step.kind}: done earlier ({folder}), reusing", progress)
-        else:
-            why = "" if done is None else " (settings or input changed since the last run: redoing it)"
-            say(f"step {i} {step.kind}: {step.settings or 'defaults'}{why}", progress)
-            with atomic_directory(folder, overwrite=True) as tmp:
-                STEPS[step.kind](step, ctx, tmp)
-                write_json(tmp / STEP_RECORD, expected)
-            rerun = True  # every later step consumes this output, so it runs again too
-        folders.append(folder)
-        if step.kind in MAKES_MODEL:
-            ctx.model = str(folder)
+    try:
+        for i, step in enumerate(recipe.steps, 1):
+            folder = step_folder(out, i, step)
+            expected = {"kind": step.kind, "settings": step.settings, "input": ctx.model}
+            done = _read_record(folder / STEP_RECORD)
+            if not rerun and done is not None and {k: done.get(k) for k in expected} == expected:
+                say(f"step {i} {step.kind}: done earlier ({folder}), reusing", progress)
+            else:
+                why = "" if done is None else " (settings or input changed since the last run: redoing it)"
+                say(f"step {i} {step.kind}: {step.settings or 'defaults'}{why}", progress)
+                with atomic_directory(folder, overwrite=True) as tmp:
+                    STEPS[step.kind](step, ctx, tmp)
+                    write_json(tmp / STEP_RECORD, expected)
+                rerun = True  # every later step consumes this output, so it runs again too
+            folders.append(folder)
+            if step.kind in MAKES_MODEL:
+                ctx.model = str(folder)
+    except BaseException:
+        if created and not folders:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     say(f"recipe {recipe.name} finished: {out}", progress)
     return folders
 

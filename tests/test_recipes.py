@@ -145,3 +145,10 @@ steps:
     assert json.loads((out / "03-eval" / "results.json").read_text())["models"][0]["lm_eval"]["n-samples"][
         "llmsparse_arc_easy"]["effective"] == 2
     assert (out / "01-prune" / "step.json").stat().st_mtime_ns == stamps["01-prune"]
+
+
+def test_failed_first_step_leaves_no_run_folder(tmp_path):
+    recipe = parse_recipe("steps:\n  - prune: {method: magnitude, nsamples: 2, seqlen: 16}\n")
+    with pytest.raises(LlmsparseError, match="does not exist"):
+        run_recipe(recipe, str(tmp_path / "no-model"), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
