@@ -109,10 +109,14 @@ class TaskPlan:
     def task_manager(self):
         """lm-eval's TaskManager with the local tasks registered; lm-eval's own thousands of configs are indexed
         only when a standard name is to be run (indexing them takes tens of seconds)."""
+        import inspect
+
         from lm_eval.tasks import TaskManager
 
-        include_path = str(self.include_path) if self.include_path else None
-        return TaskManager(include_path=include_path, include_defaults=any(not n.startswith(PREFIX) for n in self.names))
+        kwargs = {"include_path": str(self.include_path) if self.include_path else None}
+        if "include_defaults" in inspect.signature(TaskManager).parameters:
+            kwargs["include_defaults"] = any(not n.startswith(PREFIX) for n in self.names)
+        return TaskManager(**kwargs)
 
     def close(self) -> None:
         if self._tmp is not None:
