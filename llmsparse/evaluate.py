@@ -12,17 +12,17 @@ import io
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from .checkpoint import MANIFEST
 from .errors import LlmsparseError
 from .localtasks import PREFIX, TaskPlan, default_data_dirs, hub_offline, plan_tasks
 from .models import find_decoder_layers, find_targets, max_positions, weight_matrix
 from .progress import quiet_transformers, say
 
-MANIFEST = "llmsparse.json"
 WIKITEXT2_FILE = "wikitext2_raw_test_joined.txt"
 DEFAULT_PPL_SEQLEN = 2048
 DEFAULT_TASKS = ("arc_easy", "piqa", "winogrande", "hellaswag")
@@ -44,7 +44,6 @@ class EvalSettings:
     seed: int = 0
     dtype: str = "auto"
     device: str | None = None
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if isinstance(self.tasks, str):
