@@ -148,3 +148,23 @@ def test_weight_sparsity_counts_zeros_per_layer():
     assert per_layer == [0.0, 0.5]
     layer_params = [sum(m.weight.numel() for m in find_targets(layer, "x").modules.values()) for layer in layers]
     assert overall == pytest.approx(0.5 * layer_params[1] / sum(layer_params))
+
+
+def test_few_shot_examples_never_include_the_row_itself(stories, tmp_path):
+    """A user's own 3-row copy (--data-path): with 2 shots, each row's examples must be the other two rows."""
+    model, tokenizer = stories
+    rows = _jsonl(BENCH / "llmfoundry" / "arc_easy.jsonl")[:3]
+    (tmp_path / "llmfoundry").mkdir()
+    (tmp_path / "llmfoundry" / "arc_easy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plan = plan_tasks(["arc_easy"], data_path=tmp_path, offline="test")
+    try:
+        out = run_lm_eval(model, tokenizer, plan, EvalSettings(tasks=["arc_easy"], num_fewshot=2, batch_size=4),
+                          log_samples=True, verbose=False)
+    finally:
+        plan.close()
+    assert out["n-shot"]["llmsparse_arc_easy"] == 2
+    for sample in out["samples"]["llmsparse_arc_easy"]:
+        context = sample["arguments"][0][0]
+        own = rows[sample["doc_id"]]["query"]
+        assert context.count(own) == 1 and context.endswith(own + "\nAnswer:")
+        assert all(r["query"] in context for r in rows)
