@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(REPO / "evals" / "reports" / "smollm2-135m"))
     parser.add_argument("--work", default=str(Path.home() / ".cache" / "llmsparse" / "make_report"))
-    parser.add_argument("--limit", type=int, default=250, help="rows per task (default 250)")
+    parser.add_argument("--limit", type=int, default=100, help="rows per task (default 100)")
     parser.add_argument("--tasks", default=TASKS)
     parser.add_argument("--models", default=",".join(MODELS), help=f"subset of {', '.join(MODELS)}")
     parser.add_argument("--batch-size", type=int, default=8)

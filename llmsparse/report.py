@@ -209,41 +209,55 @@ def merged_results(run: dict) -> dict:
     return {m["label"]: (m.get("lm_eval") or {}).get("results", {}) for m in run["models"]}
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
+def _marker(run: dict, model: dict) -> str:
+    """One marker shape per model, the same in every plot (models at one sparsity stay apart)."""
+    return MARKERS[[m["label"] for m in run["models"]].index(model["label"]) % len(MARKERS)]
+
+
+def _model_legend(ax, run: dict, models) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color="0.35", marker=_marker(run, m), linestyle="", label=m["label"]) for m in models]
+    ax.add_artist(ax.legend(handles=handles, fontsize=7, loc="lower left", title="model", title_fontsize=7))
+
+
 def plot_accuracy(run: dict, path: Path) -> None:
-    """Primary metric of each task against measured sparsity; points labelled with model names."""
+    """Main metric of each task (one colour per task) against measured sparsity (one marker per model)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    models = sorted(run["models"], key=lambda m: m["sparsity"])
-    for req, name in task_columns(run):
-        xs, ys = [], []
-        for model in models:
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    task_handles = []
+    for i, (req, name) in enumerate(task_columns(run)):
+        colour = colours[i % len(colours)]
+        for model in run["models"]:
             metrics = model_metrics(model, name)
             metric = primary_metric(metrics)
             if metric in PERCENT_METRICS:
-                xs.append(100 * model["sparsity"])
-                ys.append(100 * metrics[metric][0])
-        if xs:
-            ax.plot(xs, ys, marker="o", linestyle=":", label=req)
-    _label_points(ax, models, [100 * m["sparsity"] for m in models])
+                ax.plot(100 * model["sparsity"], 100 * metrics[metric][0], marker=_marker(run, model), color=colour,
+                        linestyle="")
+        task_handles.append(plt.Line2D([], [], color=colour, marker="o", linestyle="", label=req))
     ax.set_xlabel("sparsity of decoder Linear weights (%)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("Accuracy against sparsity")
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+    _model_legend(ax, run, run["models"])
+    ax.legend(handles=task_handles, fontsize=7, loc="upper right", title="task", title_fontsize=7)
     _save(fig, path)
 
 
 def plot_perplexity(run: dict, path: Path) -> None:
+    """Perplexity (log scale) against measured sparsity, one marker per model."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    models = sorted((m for m in run["models"] if ppl_of(m) is not None), key=lambda m: m["sparsity"])
+    models = [m for m in run["models"] if ppl_of(m) is not None]
+    for model in models:
+        ax.plot(100 * model["sparsity"], ppl_of(model), marker=_marker(run, model), color="C0", linestyle="")
     if models:
-        xs = [100 * m["sparsity"] for m in models]
-        ax.plot(xs, [ppl_of(m) for m in models], marker="o", linestyle=":")
-        for model, x in zip(models, xs):
-            ax.annotate(model["label"], (x, ppl_of(model)), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_yscale("log")
+        _model_legend(ax, run, models)
     ax.set_xlabel("sparsity of decoder Linear weights (%)")
     ax.set_ylabel("WikiText-2 perplexity (log scale)")
     ax.set_title("Perplexity against sparsity")
@@ -254,22 +268,20 @@ def plot_perplexity(run: dict, path: Path) -> None:
 def plot_layers(run: dict, path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for model in run["models"]:
+    from matplotlib.ticker import MaxNLocator
+
+    styles = ("-", "--", ":", "-.")
+    for i, model in enumerate(run["models"]):
         values = model.get("layer_sparsity") or []
-        ax.plot(range(len(values)), [100 * v for v in values], marker=".", label=model["label"])
+        ax.plot(range(len(values)), [100 * v for v in values], marker=_marker(run, model), markersize=4, alpha=0.8,
+                linestyle=styles[i % len(styles)], label=model["label"])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("sparsity (%)")
     ax.set_title("Per-layer sparsity")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path)
-
-
-def _label_points(ax, models, xs) -> None:
-    """Name each model once, at the bottom of the plot, at its sparsity."""
-    bottom = ax.get_ylim()[0]
-    for model, x in zip(models, xs):
-        ax.annotate(model["label"], (x, bottom), textcoords="offset points", xytext=(2, 4), fontsize=7, rotation=90)
 
 
 def _pyplot():
