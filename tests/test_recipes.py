@@ -140,11 +140,20 @@ steps:
     assert capsys.readouterr().err.count("done earlier") == 3
     assert {f.name: (f / "step.json").stat().st_mtime_ns for f in folders} == stamps
 
-    changed = parse_recipe(recipe_text.replace("limit: 3", "limit: 2"), "tiny.yaml")
-    run_recipe(changed, str(STORIES), out, device="cpu", progress=False)  # eval redone, prune/export reused
-    assert json.loads((out / "03-eval" / "results.json").read_text())["models"][0]["lm_eval"]["n-samples"][
-        "llmsparse_arc_easy"]["effective"] == 2
-    assert (out / "01-prune" / "step.json").stat().st_mtime_ns == stamps["01-prune"]
+
+
+def test_a_changed_step_reruns_with_every_later_step(tmp_path):
+    text = need(ASSETS / "text" / "tinystories_sample.txt")
+    recipe_text = f"steps:\n  - prune: {{method: magnitude, sparsity: 0.5, calib: {text}, nsamples: 2, seqlen: 32}}\n" \
+                  "  - export: {format: dense}\n"
+    out = tmp_path / "run"
+    folders = run_recipe(parse_recipe(recipe_text), str(need(STORIES)), out, device="cpu", progress=False)
+    stamps = [(f / "step.json").stat().st_mtime_ns for f in folders]
+    changed = parse_recipe(recipe_text.replace("sparsity: 0.5", "sparsity: 0.25"))
+    run_recipe(changed, str(STORIES), out, device="cpu", progress=False)
+    assert all((f / "step.json").stat().st_mtime_ns != t for f, t in zip(folders, stamps))
+    exported = json.loads((out / "02-export" / "llmsparse.json").read_text())
+    assert exported["totals"]["sparsity"] == pytest.approx(0.25, abs=0.01)
 
 
 def test_failed_first_step_leaves_no_run_folder(tmp_path):
