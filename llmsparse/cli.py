@@ -23,6 +23,7 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .allocation import ALLOCATIONS
     from .checkpoint import SAVE_FORMATS
+    from .evaluate import DEFAULT_TASKS
     from .methods import DEFAULT_METHOD, METHODS, REFINERS
 
     parser = argparse.ArgumentParser(prog="llmsparse", description="Post-training sparsification of Hugging Face LLMs.")
@@ -135,6 +136,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress or summary")
     p.set_defaults(func=cmd_finetune)
+    p = sub.add_parser("eval", help="lm-eval tasks and WikiText-2 perplexity of models, with a report",
+                       description="Evaluate models (hub ids, folders or .gguf files) and write report.md, "
+                                   "results.json and plots. The first model is the baseline for the deltas. Offline "
+                                   "(or with HF_HUB_OFFLINE=1), standard task names use local copies.")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="hub id, model folder or .gguf file (first: dense)")
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                   help=f"comma-separated lm-eval tasks (default {','.join(DEFAULT_TASKS)}); '' for none")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows of each task")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's, 0)")
+    p.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (default 1)")
+    p.add_argument("--data-path", default=None,
+                   help="folder of local benchmark data (default $LLMSPARSE_BENCH_DIR, then ../shared/assets/bench)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--ppl-text", default="wikitext2",
+                   help="perplexity text: wikitext2 (local copy, else the hub) or a PATH (default wikitext2)")
+    g.add_argument("--no-ppl", action="store_true", help="skip the perplexity evaluation")
+    p.add_argument("--ppl-seqlen", type=int, default=None, help="perplexity window (default min(2048, model context))")
+    p.add_argument("--ppl-windows", type=int, default=None, help="evaluate only the first K perplexity windows")
+    p.add_argument("--bootstrap-iters", type=int, default=1000,
+                   help="lm-eval bootstrap iterations for non-mean stderrs, e.g. LAMBADA perplexity (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="lm-eval's seeds (few-shot sampling; default 0)")
+    p.add_argument("--dtype", default="auto", help="auto (checkpoint's; float32 for GGUF), float32, bfloat16, float16")
+    p.add_argument("--device", default=None, help="execution device (default: cuda if present)")
+    p.add_argument("--labels", default=None, help="comma-separated names of the models in the report")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--overwrite", action="store_true", help="replace the report folder if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("run", help="run a recipe (YAML steps: prune, export, finetune, moefy, eval) on a model",
+                       description="Validate the recipe, then run its steps in order; each step writes OUT/<i>-<step> "
+                                   "and a rerun resumes after the last finished step.")
+    p.add_argument("recipe", help="recipe file, e.g. recipes/wanda-2of4.yaml")
+    p.add_argument("--model", required=True, help="hub id, model folder or .gguf file")
+    p.add_argument("--out", required=True, help="run folder (one subfolder per step)")
+    p.add_argument("--set", action="append", default=[], metavar="STEP.KEY=VALUE",
+                   help="override a setting of every step of that kind, e.g. --set prune.nsamples=32 (repeatable)")
+    p.add_argument("--device", default=None, help="execution device (default: cuda if present)")
+    p.add_argument("--check", action="store_true", help="only validate the recipe and print its steps")
+    p.add_argument("--overwrite", action="store_true", help="start again: remove the run folder first")
+    p.add_argument("--quiet", action="store_true", help="no progress")
+    p.set_defaults(func=cmd_run)
     return parser
 
 
@@ -256,6 +299,31 @@ def cmd_finetune(args) -> int:
                 overwrite=args.overwrite)
     say(report.summary(), not args.quiet)
     say(f"saved to {args.out}", not args.quiet)
+def cmd_eval(args) -> int:
+    from .evaluate import EvalSettings, evaluate
+
+    settings = EvalSettings(
+        tasks=args.tasks, limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+        data_path=args.data_path, ppl_text=None if args.no_ppl else args.ppl_text, ppl_seqlen=args.ppl_seqlen,
+        ppl_windows=args.ppl_windows, bootstrap_iters=args.bootstrap_iters, seed=args.seed, dtype=args.dtype,
+        device=args.device,
+    )
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    evaluate(args.models, settings, args.out, overwrite=args.overwrite, progress=not args.quiet, labels=labels)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .recipes import load_recipe, preflight, run_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    if args.check:
+        preflight(recipe)
+        print(f"{args.recipe}: valid recipe {recipe.name!r}")
+        for i, step in enumerate(recipe.steps, 1):
+            print(f"  {i}. {step.kind}: {json.dumps(step.settings)}")
+        return 0
+    run_recipe(recipe, args.model, args.out, device=args.device, overwrite=args.overwrite, progress=not args.quiet)
     return 0
 
 
