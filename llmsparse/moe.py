@@ -182,13 +182,13 @@ def chosen_mask(chosen: torch.Tensor, experts: int) -> torch.Tensor:
 
 def skipped_means(h: torch.Tensor, down_weight: torch.Tensor, groups, chosen: torch.Tensor) -> torch.Tensor:
     """Per expert, its mean output over the calibration tokens that skip it ([experts, hidden]; 0 if none skips)."""
-    runs = chosen_mask(chosen, len(groups))
+    skips = (~chosen_mask(chosen, len(groups))).float()
     down = down_weight.float()
     out = torch.zeros(len(groups), down.shape[0], device=h.device)
     for e, g in enumerate(groups):
-        skip = ~runs[:, e]
-        if skip.any():
-            out[e] = (h[skip][:, g] @ down[:, g].t()).mean(0)
+        count = skips[:, e].sum()
+        if count > 0:
+            out[e] = (skips[:, e] @ h[:, g]) @ down[:, g].t() / count
     return out
 
 
@@ -380,6 +380,34 @@ class MoefyReport:
             f"router hit rate {self.router_hit_rate:.3f} (calibration tokens) in "
             f"{self.times.get('moefy_s', 0):.1f} s, seed {c.seed}")
         return "\n".join(lines)
+
+
+@torch.no_grad()
+def routing_hit_rate(model: nn.Module, token_batches) -> list[float]:
+    """Per MoE FFN, the share of the oracle's top-k experts (largest ‖W_down h‖) that its router picks, on the
+    tokens of ``token_batches`` (held-out text: the report's own figure is measured on the calibration tokens)."""
+    modules = [m for m in model.modules() if isinstance(m, MoeFFN)]
+    hits = [0.0] * len(modules)
+    tokens = [0] * len(modules)
+
+    def hook_for(i, moe):
+        def hook(module, args):
+            x = args[0].reshape(-1, moe.hidden_size)
+            oracle = torch.stack([nn.functional.linear(e.act_fn(e.gate_proj(x)) * e.up_proj(x), e.down_proj.weight)
+                                  .float().norm(dim=1) for e in moe.experts], dim=1)
+            hits[i] += top_k_hits(moe.router(x), oracle, moe.top_k) * x.shape[0]
+            tokens[i] += x.shape[0]
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(i, m)) for i, m in enumerate(modules)]
+    try:
+        device = next(model.parameters()).device
+        for ids in token_batches:
+            model(input_ids=ids.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return [h / max(t, 1) for h, t in zip(hits, tokens)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
