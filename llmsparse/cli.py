@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress or summary")
     p.set_defaults(func=cmd_finetune)
+
     p = sub.add_parser("eval", help="lm-eval tasks and WikiText-2 perplexity of models, with a report",
                        description="Evaluate models (hub ids, folders or .gguf files) and write report.md, "
                                    "results.json and plots. The first model is the baseline for the deltas. Offline "
@@ -178,6 +179,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start again: remove the run folder first")
     p.add_argument("--quiet", action="store_true", help="no progress")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("moefy", help="split every gated FFN into shared + routed experts with a router (training-free)",
+                       description="Factorise each SwiGLU/GeGLU FFN into experts and a closed-form router from "
+                                   "calibration activations; the output folder loads with transformers "
+                                   "(trust_remote_code=True) or llmsparse.load_moefied.")
+    _add_model_args(p, required=False)
+    p.add_argument("--experts", type=int, default=16, help="experts per FFN, shared ones included (default 16)")
+    p.add_argument("--shared", type=int, default=4, help="how many of them are shared: always active (default 4)")
+    p.add_argument("--top-k", type=int, default=8, help="routed experts each token runs (default 8: 75%% active)")
+    p.add_argument("--calib", default=None, help="c4 | wikitext2 | PATH to .txt/.jsonl (default c4; demo: bundled)")
+    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 32; demo 32)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 512; demo 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw and the clustering (default 0)")
+    p.add_argument("--no-compensation", action="store_true",
+                   help="a skipped expert contributes nothing (default: its calibration mean, folded into biases)")
+    p.add_argument("--out", default=None, help="output folder (default: <model name>-moe<E>s<S>k<K>)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress or summary")
+    p.set_defaults(func=cmd_moefy)
     return parser
 
 
@@ -324,6 +343,32 @@ def cmd_run(args) -> int:
             print(f"  {i}. {step.kind}: {json.dumps(step.settings)}")
         return 0
     run_recipe(recipe, args.model, args.out, device=args.device, overwrite=args.overwrite, progress=not args.quiet)
+def cmd_moefy(args) -> int:
+    from pathlib import Path
+
+    from .models import DEMO_TEXT, load_model
+    from .moe import MoefyConfig, moefy
+    from .moe_export import save_moefied
+    from .outputs import check_output_dir
+    from .progress import say
+
+    demo = args.model is None
+    config = MoefyConfig(
+        experts=args.experts, shared=args.shared, top_k=args.top_k,
+        calib=args.calib or (str(DEMO_TEXT) if demo else "c4"),
+        nsamples=args.nsamples or 32, seqlen=args.seqlen or (DEMO["seqlen"] if demo else 512),
+        seed=args.seed, compensate=not args.no_compensation,
+    )
+    name = "stories260K" if demo else (Path(args.model.rstrip("/")).name.removesuffix(".gguf") or "model")
+    out = args.out or f"{name}-moe{config.experts}s{config.shared}k{config.top_k}"
+    check_output_dir(out, args.overwrite)
+    verbose = not args.quiet
+    if demo:
+        say("no model given: moefying the bundled stories260K demo model on its bundled TinyStories sample", verbose)
+    model, tokenizer = load_model(args.model, gguf_file=args.gguf_file, dtype=args.dtype)
+    report = moefy(model, tokenizer, config, device=args.device, progress=verbose)
+    save_moefied(model, tokenizer, out, report, overwrite=args.overwrite)
+    say(f"saved to {out} (load with llmsparse.load_moefied, or transformers with trust_remote_code=True)", verbose)
     return 0
 
 

@@ -93,6 +93,11 @@ def load_model(source=None, *, gguf_file: str | None = None, dtype="auto", devic
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where, gguf = resolve_source(source, gguf_file)
+    if not gguf and not trust_remote_code:
+        from .moe_export import is_moefied, load_moefied
+
+        if is_moefied(where):
+            return load_moefied(where, dtype=dtype, device_map=device_map, load_tokenizer=load_tokenizer)
     torch_dtype = parse_dtype(dtype)
     if gguf and torch_dtype == "auto":
         torch_dtype = torch.float32

@@ -1,0 +1,183 @@
+"""moefy on the CPU protocol: SmolLM2-135M-Instruct FFNs split into experts, WikiText-2 perplexity against dense.
+
+Each row runs in a fresh subprocess, appends one JSON line to the results file, and rows already there are
+skipped, so the grid resumes after an interruption. The table is printed and written into its own section of
+BENCHMARKS.md.
+
+    python evals/bench_moefy.py                  # the whole grid, resuming
+    python evals/bench_moefy.py --rows dense,e16_75
+    python evals/bench_moefy.py --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_protocol import BENCHMARKS, CALIB, EVAL_TEXT, GGUF, REPO  # noqa: E402
+
+RESULTS = REPO / "evals" / "results" / "moefy.jsonl"
+PROTOCOL = {"calib_nsamples": 32, "calib_seqlen": 512, "seed": 0, "eval_seqlen": 512, "eval_windows": 80,
+            "hit_rate_windows": 4}
+
+
+def _grid() -> dict[str, dict | None]:
+    """Row name → moefy settings (None: the dense model)."""
+    rows: dict[str, dict | None] = {"dense": None}
+    for experts, splits in ((16, {"75": (4, 8), "50": (2, 6), "25": (1, 3)}),
+                            (64, {"75": (16, 32), "50": (8, 24), "25": (4, 12)})):
+        for active, (shared, top_k) in splits.items():
+            rows[f"e{experts}_{active}"] = {"experts": experts, "shared": shared, "top_k": top_k}
+    for name in ("e16_75", "e16_50"):
+        rows[f"{name}_nocomp"] = {**rows[name], "compensate": False}
+    rows["e16_75_8x2048"] = {**rows["e16_75"], "nsamples": 8, "seqlen": 2048}
+    return rows
+
+
+GRID = _grid()
+
+
+def run_row(name: str) -> dict:
+    """Moefy (unless dense) and evaluate one row in this process; returns its result."""
+    import resource
+
+    import torch
+
+    import llmsparse
+    from llmsparse.data import read_text
+    from llmsparse.moe import routing_hit_rate
+    from llmsparse.perplexity import perplexity, tokenize_text
+    from llmsparse.progress import quiet_transformers
+
+    quiet_transformers()
+    settings = GRID[name]
+    model, tokenizer = llmsparse.load_model(str(GGUF))
+    ids = tokenize_text(tokenizer, read_text(EVAL_TEXT))
+    seqlen = PROTOCOL["eval_seqlen"]
+    result = {"row": name, "settings": settings, "protocol": PROTOCOL, "threads": torch.get_num_threads(),
+              "date": time.strftime("%Y-%m-%d"), "moefy_s": 0.0}
+    if settings is not None:
+        run = {"nsamples": PROTOCOL["calib_nsamples"], "seqlen": PROTOCOL["calib_seqlen"], **settings}
+        report = llmsparse.moefy(model, tokenizer, calib=str(CALIB), seed=PROTOCOL["seed"], device="cpu",
+                                 progress=False, **run)
+        held_out = ids[: PROTOCOL["hit_rate_windows"] * seqlen].view(-1, seqlen).split(1)
+        rates = routing_hit_rate(model, held_out)
+        result.update(moefy_s=report.times["moefy_s"], active_fraction=report.active_fraction,
+                      flops_fraction=report.flops_fraction, hit_rate_calib=report.router_hit_rate,
+                      hit_rate_wikitext=sum(rates) / len(rates),
+                      chance=settings["top_k"] / (settings["experts"] - settings["shared"]),
+                      rel_error=[round(l["rel_error"], 4) for l in report.layers],
+                      rel_error_oracle=[round(l["rel_error_oracle"], 4) for l in report.layers])
+    t0 = time.perf_counter()
+    ppl = perplexity(model, ids, seqlen=seqlen, max_windows=PROTOCOL["eval_windows"], device="cpu")
+    result.update(ppl=ppl.ppl, eval_tokens=ppl.tokens, eval_s=round(time.perf_counter() - t0, 1),
+                  peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    return result
+
+
+def load_results() -> dict[str, dict]:
+    if not RESULTS.exists():
+        return {}
+    return {r["row"]: r for r in (json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip())}
+
+
+def table(results: dict[str, dict]) -> str:
+    dense = results.get("dense", {}).get("ppl")
+    lines = ["| row | experts / shared / top-k | calib | FFN params active | FFN FLOPs | ppl | × dense | "
+             "router hit rate (calib / WikiText, chance) | moefy s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name in [n for n in GRID if n in results] + [n for n in results if n not in GRID]:
+        r = results[name]
+        s = r["settings"]
+        ratio = f"{r['ppl'] / dense:.3f}" if dense else "—"
+        if s is None:
+            lines.append(f"| {name} | dense | — | 100% | 100% | {r['ppl']:.2f} | 1.000 | — | 0 |")
+            continue
+        split = f"{s['experts']} / {s['shared']} / {s['top_k']}" + ("" if s.get("compensate", True) else ", no comp.")
+        calib = f"{s.get('nsamples', r['protocol']['calib_nsamples'])}×{s.get('seqlen', r['protocol']['calib_seqlen'])}"
+        lines.append(
+            f"| {name} | {split} | {calib} | {r['active_fraction']:.1%} | {r['flops_fraction']:.1%} | {r['ppl']:.2f} | "
+            f"{ratio} | {r['hit_rate_calib']:.3f} / {r['hit_rate_wikitext']:.3f}, {r['chance']:.3f} | "
+            f"{r['moefy_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def write_benchmarks(results: dict[str, dict], command: str) -> None:
+    """Replace this benchmark's section of BENCHMARKS.md (between its markers) with the current table."""
+    begin, end = "<!-- moefy:begin -->", "<!-- moefy:end -->"
+    threads = sorted({r.get("threads") for r in results.values()})
+    section = "\n".join([
+        begin,
+        "## moefy (issue 6): SmolLM2-135M-Instruct FFNs → experts, C4 calibration, WikiText-2 first 80×512 windows",
+        "",
+        f"Training-free. Measured on this project's 2-core CPU machine (no GPU), torch threads {threads}, dates "
+        f"{sorted({r['date'] for r in results.values()})}. Command: `{command}`. Calibration: C4 windows drawn with "
+        "seed 0 (32×512 unless the row says otherwise). FFN parameters active per token count the shared expert, "
+        "the top-k routed experts, the router and the compensation biases; FLOPs likewise, against the dense FFNs. "
+        "Router hit rate: share of the oracle's top-k experts (largest output norm ‖W_down h‖) that the router "
+        "picks, on the calibration tokens and on the first 4 WikiText-2 windows (held out); chance is top-k / routed "
+        "experts. moefy seconds: wall-clock from drawing calibration windows to the last layer, with other jobs "
+        "sharing the 2 cores, so rough.",
+        "",
+        table(results),
+        end,
+    ])
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
+    if begin in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    BENCHMARKS.write_text(text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", default=None, help="comma-separated row names (default: the whole grid)")
+    p.add_argument("--list", action="store_true", help="list the rows and exit")
+    p.add_argument("--redo", action="store_true", help="run the rows again even if they have results")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.list:
+        for name, settings in GRID.items():
+            print(name, settings)
+        return 0
+    if args.one:
+        print(json.dumps(run_row(args.one)))
+        return 0
+    for path in (GGUF, CALIB, EVAL_TEXT):
+        if not path.exists():
+            print(f"missing asset {path} (set LLMSPARSE_ASSETS)", file=sys.stderr)
+            return 2
+    rows = args.rows.split(",") if args.rows else list(GRID)
+    unknown = [r for r in rows if r not in GRID]
+    if unknown:
+        print(f"unknown rows {unknown}; see --list", file=sys.stderr)
+        return 2
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    command = "python evals/bench_moefy.py" + (f" --rows {args.rows}" if args.rows else "")
+    for name in rows:
+        if name in load_results() and not args.redo:
+            continue
+        print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
+        proc = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            return proc.returncode
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        with RESULTS.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+        print(f"    ppl {result['ppl']:.2f}  moefy {result['moefy_s']:.0f} s", flush=True)
+        write_benchmarks(load_results(), command)
+    results = load_results()
+    print(table(results))
+    write_benchmarks(results, command)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""moefy: the pure pieces against independent references, exactness, routing, export round trips, pruning interplay."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import llmsparse
+from llmsparse.errors import LlmsparseError
+from llmsparse.moe import (MoefyConfig, balanced_assignment, balanced_kmeans, expert_output_norms, expert_sizes,
+                           factorize, ffn_cost, fit_linear, moefy, top_k_hits)
+from llmsparse.moe_export import is_moefied, load_moefied, moe_spec, save_moefied
+from llmsparse.moe_modeling import MoeFFN
+
+from conftest import STORIES, need, random_tokens, tiny_model
+
+GATED = ["llama", "mistral", "qwen2", "gemma"]
+
+
+def moefied(family, **settings):
+    model = tiny_model(family)
+    report = moefy(model, calibration=random_tokens(8, 32, seed=1), device="cpu", progress=False,
+                   **{"experts": 8, "shared": 2, "top_k": 3, **settings})
+    return model, report
+
+
+def moe_layers(model):
+    return [m for m in model.modules() if isinstance(m, MoeFFN)]
+
+
+# --- pure functions ---------------------------------------------------------------------------------------------
+
+
+def test_expert_sizes_are_balanced_and_cover_the_width():
+    assert expert_sizes(64, 8) == [8] * 8
+    sizes = expert_sizes(172, 16)
+    assert sum(sizes) == 172 and max(sizes) - min(sizes) == 1 and sizes.count(11) == 12
+
+
+def test_balanced_assignment_fills_every_column_exactly():
+    cost = torch.rand(30, 4, generator=torch.Generator().manual_seed(3))
+    sizes = [10, 8, 7, 5]
+    labels = balanced_assignment(cost, sizes)
+    assert torch.bincount(labels, minlength=4).tolist() == sizes
+
+
+def test_balanced_assignment_takes_the_cheapest_column_when_it_has_room():
+    cost = torch.ones(6, 3)
+    for row, col in enumerate([2, 0, 1, 1, 0, 2]):
+        cost[row, col] = 0.0
+    assert balanced_assignment(cost, [2, 2, 2]).tolist() == [2, 0, 1, 1, 0, 2]
+
+
+def test_balanced_kmeans_recovers_separated_equal_clusters():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(4) * 10
+    truth = torch.arange(4).repeat_interleave(6)
+    points = centres[truth] + 0.1 * torch.randn(24, 4, generator=g)
+    perm = torch.randperm(24, generator=g)
+    labels = balanced_kmeans(points[perm], [6] * 4, seed=1)
+    assert torch.bincount(labels).tolist() == [6] * 4
+    for c in range(4):
+        assert truth[perm][labels == c].unique().numel() == 1
+
+
+def test_fit_linear_recovers_an_exact_linear_map():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 6, generator=g)
+    w, b = torch.randn(3, 6, generator=g), torch.randn(3, generator=g)
+    w_fit, b_fit = fit_linear(x, x @ w.t() + b, ridge=1e-10)
+    assert torch.allclose(w_fit, w, atol=1e-4) and torch.allclose(b_fit, b, atol=1e-4)
+
+
+def test_top_k_hits_counts_shared_picks():
+    ref = torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]])
+    scores = torch.tensor([[4.0, 1.0, 3.0, 0.0], [1.0, 2.0, 3.0, 4.0]])
+    assert top_k_hits(scores, ref, 2) == pytest.approx(0.75)
+    assert top_k_hits(scores, ref, 4) == 1.0
+
+
+def test_expert_output_norms_match_the_dense_slices():
+    h, down = torch.randn(5, 6), torch.randn(3, 6)
+    groups = [torch.tensor([0, 3]), torch.tensor([1, 2, 4, 5])]
+    norms = expert_output_norms(h, down, groups)
+    masked = h.clone()
+    masked[:, groups[1]] = 0
+    assert torch.allclose(norms[:, 0], (masked @ down.t()).norm(dim=1), atol=1e-6)
+
+
+def test_ffn_cost_counts_shared_chosen_router_and_biases():
+    model, report = moefied("llama", experts=8, shared=2, top_k=3)
+    moe = moe_layers(model)[0]
+    cost = ffn_cost(32, 64, moe)
+    assert cost["params"] == 3 * 32 * (16 + 3 * 8) + 6 * 33 + 32 * 4
+    assert report.dense["params"] == 2 * 3 * 32 * 64
+    assert report.active["params"] == 2 * cost["params"]
+
+
+def test_config_refuses_impossible_splits():
+    with pytest.raises(LlmsparseError, match="--top-k"):
+        MoefyConfig(experts=8, shared=2, top_k=7)
+    with pytest.raises(LlmsparseError, match="--shared"):
+        MoefyConfig(experts=8, shared=8, top_k=1)
+    with pytest.raises(LlmsparseError, match="more than the FFN"):
+        moefied("llama", experts=128, shared=0, top_k=4)
+
+
+# --- the factorised FFN -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", GATED)
+@pytest.mark.parametrize("compensate", [True, False])
+def test_every_expert_active_reproduces_the_dense_model(family, compensate):
+    dense = tiny_model(family)
+    ids = random_tokens(2, 24, seed=5)
+    reference = dense(ids).logits
+    model, _ = moefied(family, experts=8, shared=2, top_k=6, compensate=compensate)
+    assert len(moe_layers(model)) == 2
+    torch.testing.assert_close(model(ids).logits, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_experts_partition_the_dense_neurons_in_equal_sizes():
+    dense = tiny_model("llama")
+    model, _ = moefied("llama", experts=8, shared=3, top_k=2)
+    for dense_layer, layer in zip(dense.model.layers, model.model.layers):
+        moe = layer.mlp
+        assert moe.shared.gate_proj.out_features == 24
+        assert [e.gate_proj.out_features for e in moe.experts] == [8] * 5
+        rows = torch.cat([moe.shared.gate_proj.weight] + [e.gate_proj.weight for e in moe.experts])
+        order = [int((dense_layer.mlp.gate_proj.weight == r).all(1).nonzero()) for r in rows]
+        assert sorted(order) == list(range(64))
+        down = torch.cat([moe.shared.down_proj.weight] + [e.down_proj.weight for e in moe.experts], dim=1)
+        assert torch.equal(down, dense_layer.mlp.down_proj.weight[:, order])
+
+
+def test_moe_ffn_equals_the_dense_ffn_with_skipped_neurons_masked():
+    model, _ = moefied("llama", experts=8, shared=2, top_k=3, compensate=True)
+    moe = model.model.layers[0].mlp
+    x = torch.randn(40, 32)
+    chosen = moe.route(x)
+    gate = torch.cat([moe.shared.gate_proj.weight] + [e.gate_proj.weight for e in moe.experts])
+    up = torch.cat([moe.shared.up_proj.weight] + [e.up_proj.weight for e in moe.experts])
+    down = torch.cat([moe.shared.down_proj.weight] + [e.down_proj.weight for e in moe.experts], dim=1)
+    keep = torch.zeros(40, 64, dtype=torch.bool)
+    keep[:, :16] = True
+    for t in range(40):
+        for e in chosen[t].tolist():
+            keep[t, 16 + 8 * e:24 + 8 * e] = True
+    h = nn.functional.silu(x @ gate.t()) * (x @ up.t())
+    biases = torch.stack([e.down_proj.bias for e in moe.experts])
+    runs = torch.zeros(40, 6).scatter_(1, chosen, 1.0)
+    expected = (h * keep) @ down.t() + moe.offset + runs @ biases
+    torch.testing.assert_close(moe(x), expected, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(moe.offset, -biases.sum(0), atol=1e-6)
+
+
+def constructed_ffn():
+    """A SwiGLU FFN whose 40 neurons form 5 groups: group g < 4 fires only along input direction g, group 4 always."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    ffn = LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=40, num_attention_heads=2))
+    g = torch.Generator().manual_seed(0)
+    truth = torch.arange(5).repeat_interleave(8)[torch.randperm(40, generator=g)]
+    with torch.no_grad():
+        directions = torch.eye(16)[truth]
+        ffn.gate_proj.weight.copy_(3 * directions + 0.05 * torch.randn(40, 16, generator=g))
+        ffn.up_proj.weight.copy_(directions + 0.05 * torch.randn(40, 16, generator=g))
+        ffn.down_proj.weight.copy_(torch.randn(16, 40, generator=g))
+
+    def tokens(n, seed):
+        gen = torch.Generator().manual_seed(seed)
+        which = torch.randint(0, 4, (n,), generator=gen)
+        x = 0.05 * torch.randn(n, 16, generator=gen)
+        x[torch.arange(n), which] += 2.0
+        x[:, 4] += 2.0
+        return x
+
+    return ffn, truth, tokens
+
+
+def test_router_picks_the_oracle_experts_on_a_constructed_case():
+    ffn, truth, tokens = constructed_ffn()
+    config = MoefyConfig(experts=5, shared=1, top_k=1, compensate=False)
+    fact = factorize(ffn, tokens(400, 1), config)
+    assert sorted(truth[fact.shared].tolist()) == [4] * 8
+    assert sorted(truth[g].unique().item() for g in fact.groups) == [0, 1, 2, 3]
+    assert fact.stats["router_hit_rate"] == 1.0
+    held_out = tokens(300, 2)
+    h = ffn.act_fn(ffn.gate_proj(held_out)) * ffn.up_proj(held_out)
+    oracle = expert_output_norms(h, ffn.down_proj.weight, fact.groups)
+    scores = held_out @ fact.router_weight.t() + fact.router_bias
+    assert top_k_hits(scores, oracle, 1) == 1.0
+
+
+# --- export -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "qwen2"])
+def test_export_reloads_in_plain_transformers_with_identical_logits(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, report = moefied(family)
+    ids = random_tokens(2, 20, seed=7)
+    expected = model(ids).logits
+    out = tmp_path / "moe"
+    save_moefied(model, None, out, report)
+    assert is_moefied(out) and (out / "modeling_llmsparse_moe.py").is_file()
+    assert json.loads((out / "moefy.json").read_text())["totals"]["ffn_active_fraction"] == report.active_fraction
+    loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert type(loaded).__name__ == "LlmsparseMoeForCausalLM"
+    assert torch.equal(loaded(ids).logits, expected)
+    ours, _ = load_moefied(out)
+    assert torch.equal(ours(ids).logits, expected)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_export_without_trust_remote_code_is_refused(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, report = moefied("llama")
+    save_moefied(model, None, tmp_path / "moe", report)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
+
+
+def test_export_refuses_a_dense_model(tmp_path):
+    with pytest.raises(LlmsparseError, match="no MoE FFNs"):
+        save_moefied(tiny_model("llama"), None, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_stores_each_neuron_once(tmp_path):
+    from safetensors.torch import load_file
+
+    model, report = moefied("llama", experts=8, shared=2, top_k=3)
+    save_moefied(model, None, tmp_path / "moe", report)
+    weights = load_file(tmp_path / "moe" / "model.safetensors")
+    assert not [k for k in weights if k.endswith(("mlp.gate_proj.weight", "mlp.down_proj.weight"))]
+    ffn = sum(v.numel() for k, v in weights.items() if ".mlp." in k)
+    assert ffn == 2 * (3 * 32 * 64 + 6 * 33 + 6 * 32 + 32)
+
+
+# --- pruning interplay --------------------------------------------------------------------------------------------
+
+
+def test_prune_after_moefy_prunes_experts_and_keeps_the_router(tmp_path):
+    model, report = moefied("llama", experts=8, shared=2, top_k=3)
+    router = model.model.layers[0].mlp.router.weight.clone()
+    llmsparse.prune(model, calibration=random_tokens(4, 32, seed=2), method="wanda", sparsity=0.5,
+                    device="cpu", progress=False)
+    moe = model.model.layers[0].mlp
+    for expert in [moe.shared, *moe.experts]:
+        w = expert.down_proj.weight
+        assert ((w == 0).sum(1) == w.shape[1] // 2).all()
+    assert torch.equal(moe.router.weight, router)
+    ids = random_tokens(2, 16, seed=3)
+    expected = model(ids).logits
+    save_moefied(model, None, tmp_path / "moe", report)
+    loaded, _ = load_moefied(tmp_path / "moe")
+    assert torch.equal(loaded(ids).logits, expected)
+
+
+def test_moefy_after_prune_keeps_every_zero():
+    model = tiny_model("llama")
+    llmsparse.prune(model, calibration=random_tokens(4, 32, seed=2), method="wanda", sparsity=0.5,
+                    device="cpu", progress=False)
+    zeros = sum(int((getattr(l.mlp, p).weight == 0).sum()) for l in model.model.layers
+                for p in ("gate_proj", "up_proj", "down_proj"))
+    moefy(model, calibration=random_tokens(8, 32, seed=1), device="cpu", progress=False, experts=8, shared=2,
+          top_k=3)
+    after = sum(int((m.weight == 0).sum()) for moe in moe_layers(model) for m in moe.modules()
+                if isinstance(m, nn.Linear))
+    assert after == zeros
+
+
+def test_moefy_twice_is_refused():
+    model, _ = moefied("llama")
+    with pytest.raises(LlmsparseError, match="already moefied"):
+        moefy(model, calibration=random_tokens(2, 16), device="cpu", progress=False, experts=8, shared=2, top_k=3)
+
+
+# --- the real stories260K ----------------------------------------------------------------------------------------
+
+
+def test_stories260k_router_beats_chance_and_reloads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from llmsparse.data import calibration_windows, load_documents
+    from llmsparse.models import DEMO_TEXT, load_model
+
+    model, tok = load_model(str(need(STORIES)))
+    windows = calibration_windows(tok, load_documents(str(DEMO_TEXT)), 16, 128, seed=0)
+    report = moefy(model, tok, calibration=windows, device="cpu", progress=False, experts=8, shared=2, top_k=3)
+    assert [l["expert_neurons"] for l in report.layers] == [[22, 22, 21, 21, 21, 21]] * 5
+    assert report.router_hit_rate > 0.5 + 0.1
+    for layer in report.layers:
+        assert layer["rel_error"] < 1 and layer["shared_neurons"] == 44
+    spec = moe_spec(model)
+    assert spec["base_model_class"] == "LlamaForCausalLM" and len(spec["ffn"]) == 5
+    ids = windows[:2, :64]
+    expected = model(ids).logits
+    save_moefied(model, tok, tmp_path / "moe", report)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", trust_remote_code=True)
+    assert torch.equal(loaded(ids).logits, expected)
+    again, tok2 = llmsparse.load_model(str(tmp_path / "moe"))
+    assert torch.equal(again(ids).logits, expected) and tok2 is not None
