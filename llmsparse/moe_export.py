@@ -135,5 +135,5 @@ def load_moefied(path, *, dtype="auto", device_map=None, load_tokenizer: bool = 
     model = model_class.from_pretrained(folder, config=config, **kwargs).eval()
     tokenizer = None
     if load_tokenizer and any(folder.glob("tokenizer*")):
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, config=config)  # no AutoConfig: it would ask about remote code
     return model, tokenizer
