@@ -111,7 +111,8 @@ def _with_lora(model: nn.Module, rank: int, ignore) -> nn.Module:
 def finetune(model: nn.Module, tokenizer, documents: Sequence[str], *, steps: int, seqlen: int = 512,
              lr: float = 1e-4, batch_size: int = 1, grad_accum: int = 1, seed: int = 0, lora: int | None = None,
              schedule=None, manifest=None, ignore=(), warmup_steps: int | None = None, max_grad_norm: float = 1.0,
-             allow_dense: bool = False, device: str | None = None, progress: bool = True) -> tuple[nn.Module, FinetuneReport]:
+             allow_dense: bool = False, device: str | None = None,
+             progress: bool = True) -> tuple[nn.Module, FinetuneReport]:
     """Fine-tune ``model`` on ``documents`` for ``steps`` updates, keeping its pruned weights at zero.
 
     ``manifest``: the pruned model's ``llmsparse.json`` (dict or folder) naming the masked modules; None reads

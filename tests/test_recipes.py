@@ -1,4 +1,5 @@
-"""Recipes: the shipped ones validate, bad ones are refused naming the key and line, and the runner resumes."""
+"""Recipes: the shipped ones validate, bad ones are refused naming the key and line, every step kind really runs on
+stories260K (prune, compact export, finetune, moefy, eval) and the runner resumes."""
 
 from __future__ import annotations
 
@@ -23,10 +24,14 @@ def test_recipes_are_shipped():
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
-def test_shipped_recipe_validates(path):
+def test_shipped_recipe_validates(path, capsys):
+    from llmsparse.cli import main
+
     recipe = load_recipe(path)
     assert recipe.name == path.stem and recipe.steps
     assert recipe.steps[-1].kind == "eval"
+    assert main(["run", str(path), "--model", "m", "--out", "o", "--check"]) == 0
+    assert f"valid recipe {recipe.name!r}" in capsys.readouterr().out
 
 
 def test_pattern_stays_text_even_unquoted():
@@ -147,7 +152,8 @@ steps:
     loaded = llmsparse.load(compact)
     sparse = {n: m for n, m in loaded.model.layers.named_modules() if isinstance(m, SparseLinear)}
     assert len(sparse) == len(manifest["modules"]) == 5 * 7
-    assert {(m.format_meta["format"], m.format_meta["n"], m.format_meta["m"]) for m in sparse.values()} == {("nm", 2, 4)}
+    formats = {(m.format_meta["format"], m.format_meta["n"], m.format_meta["m"]) for m in sparse.values()}
+    assert formats == {("nm", 2, 4)}
     dense = llmsparse.load(pruned)
     for name, module in sparse.items():
         assert torch.equal(module.dense_weight(), dense.model.layers.get_submodule(name).weight)
@@ -205,7 +211,8 @@ def test_shipped_moefy_recipe_runs_and_later_steps_load_the_moefied_folder(tmp_p
     assert moe_ppl > dense_ppl  # half of each FFN skipped costs some perplexity
 
     # a moefied folder is pruned as it is and saved moefied, zeros and all; exporting it is refused
-    prune = parse_recipe(f"steps:\n  - prune: {{method: wanda, sparsity: 0.5, calib: {text}, nsamples: 2, seqlen: 32}}\n")
+    prune = parse_recipe(f"steps:\n  - prune: {{method: wanda, sparsity: 0.5, calib: {text}, nsamples: 2, "
+                         "seqlen: 32}\n")
     (pruned,) = run_recipe(prune, str(folders[0]), tmp_path / "pruned", device="cpu", progress=False)
     model, _, manifest = load_for_eval(pruned)
     assert folder_format(pruned) == "moefy" and "moefy" in manifest
