@@ -318,6 +318,9 @@ def cmd_finetune(args) -> int:
                 overwrite=args.overwrite)
     say(report.summary(), not args.quiet)
     say(f"saved to {args.out}", not args.quiet)
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .evaluate import EvalSettings, evaluate
 
@@ -333,16 +336,18 @@ def cmd_eval(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .recipes import load_recipe, preflight, run_recipe
+    from .recipes import load_recipe, run_recipe
 
     recipe = load_recipe(args.recipe, args.set)
     if args.check:
-        preflight(recipe)
         print(f"{args.recipe}: valid recipe {recipe.name!r}")
         for i, step in enumerate(recipe.steps, 1):
             print(f"  {i}. {step.kind}: {json.dumps(step.settings)}")
         return 0
     run_recipe(recipe, args.model, args.out, device=args.device, overwrite=args.overwrite, progress=not args.quiet)
+    return 0
+
+
 def cmd_moefy(args) -> int:
     from pathlib import Path
 

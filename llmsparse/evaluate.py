@@ -63,7 +63,9 @@ class EvalSettings:
 
 
 def load_for_eval(source, dtype="auto"):
-    """The one place evaluation loads a model: (model, tokenizer, llmsparse.json manifest or None)."""
+    """The one place evaluation (and every recipe step) loads a model: (model, tokenizer, llmsparse.json manifest or
+    None). Dense and compact folders (``SparseLinear`` modules, through llmsparse's registered quantizer), moefied
+    folders (``load_moefied``), hub ids and GGUF files all go through ``load_model``."""
     from .models import load_model
 
     model, tokenizer = load_model(str(source), dtype=dtype)
@@ -99,14 +101,25 @@ def unique_labels(sources) -> list[str]:
     return labels
 
 
+def _layer_weights(layer, name: str):
+    """The prunable weights of one decoder layer as [out, in] matrices, a compact model's ``SparseLinear`` ones
+    decompressed one at a time."""
+    from .sparse import SparseLinear
+
+    for module in find_targets(layer, name).modules.values():
+        yield weight_matrix(module)
+    for module in layer.modules():
+        if isinstance(module, SparseLinear):
+            yield module.dense_weight()
+
+
 def weight_sparsity(model) -> tuple[float, list[float]]:
-    """Share of exact zeros in the prunable weights of the decoder layers: overall and per layer."""
+    """Share of exact zeros in the prunable weights of the decoder layers (dense or compact): overall and per layer."""
     prefix, layers = find_decoder_layers(model)
     per_layer, zeros, total = [], 0, 0
     for i, layer in enumerate(layers):
         z = n = 0
-        for module in find_targets(layer, f"{prefix}.{i}").modules.values():
-            w = weight_matrix(module)
+        for w in _layer_weights(layer, f"{prefix}.{i}"):
             z, n = z + int((w == 0).sum()), n + w.numel()
         per_layer.append(z / max(n, 1))
         zeros, total = zeros + z, total + n

@@ -111,12 +111,14 @@ def _with_lora(model: nn.Module, rank: int, ignore) -> nn.Module:
 def finetune(model: nn.Module, tokenizer, documents: Sequence[str], *, steps: int, seqlen: int = 512,
              lr: float = 1e-4, batch_size: int = 1, grad_accum: int = 1, seed: int = 0, lora: int | None = None,
              schedule=None, manifest=None, ignore=(), warmup_steps: int | None = None, max_grad_norm: float = 1.0,
-             device: str | None = None, progress: bool = True) -> tuple[nn.Module, FinetuneReport]:
+             allow_dense: bool = False, device: str | None = None,
+             progress: bool = True) -> tuple[nn.Module, FinetuneReport]:
     """Fine-tune ``model`` on ``documents`` for ``steps`` updates, keeping its pruned weights at zero.
 
     ``manifest``: the pruned model's ``llmsparse.json`` (dict or folder) naming the masked modules; None reads
     masks from the zeros of the folder the model was loaded from. ``lora``: a LoRA rank to train adapters instead
     of the weights (merged with ``merge_lora`` before returning). ``schedule``: see ``SparsityCallback``.
+    ``allow_dense``: train a model with no pruned weights too (e.g. a moefied one) instead of refusing it.
     AdamW, cosine decay after ``warmup_steps`` (default 5% of the steps), gradients clipped to ``max_grad_norm``.
     Returns the trained (merged) model and a report.
     """
@@ -135,7 +137,7 @@ def finetune(model: nn.Module, tokenizer, documents: Sequence[str], *, steps: in
                             seed=seed, blocks=blocks.shape[0], schedule=schedule.to_json() if schedule else None,
                             lora={"rank": lora, "alpha": 2 * lora, "merged": True} if lora else None,
                             log_every=log_every)
-    callback = SparsityCallback(manifest, schedule=schedule, ignore=ignore)
+    callback = SparsityCallback(manifest, schedule=schedule, ignore=ignore, allow_empty=allow_dense)
     callback.setup(model)
     report.sparsity_before = callback.sparsity()
     report.masked_modules = len(callback.masks)

@@ -169,8 +169,8 @@ def max_positions(config) -> int | None:
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The ModuleList of repeated decoder blocks, found by shape rather than by model name.
 
-    Among ModuleLists whose children all share one class and contain Linear-like modules, prefer the one whose
-    length equals the config's ``num_hidden_layers``, then the one with the most parameters.
+    Among ModuleLists whose children all share one class and contain Linear-like modules (``SparseLinear`` too),
+    prefer the one whose length equals the config's ``num_hidden_layers``, then the one with the most parameters.
     """
     wanted = getattr(text_config(model.config), "num_hidden_layers", None) if hasattr(model, "config") else None
     best, best_key = None, None
@@ -178,7 +178,7 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         kinds = {type(child) for child in module}
-        if len(kinds) != 1 or not any(is_prunable(m) for m in module[0].modules()):
+        if len(kinds) != 1 or not any(_linear_like(m) for m in module[0].modules()):
             continue
         numel = sum(p.numel() for p in module.parameters())
         key = (len(module) == wanted, numel)
@@ -187,6 +187,11 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if best is None:
         raise LlmsparseError("model has no decoder layers with Linear modules: llmsparse prunes transformer LLMs")
     return best
+
+
+def _linear_like(module: nn.Module) -> bool:
+    """A prunable module, or the ``SparseLinear`` a compact checkpoint loads in its place."""
+    return is_prunable(module) or type(module).__name__ == "SparseLinear"
 
 
 def is_prunable(module: nn.Module) -> bool:

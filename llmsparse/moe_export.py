@@ -135,5 +135,6 @@ def load_moefied(path, *, dtype="auto", device_map=None, load_tokenizer: bool = 
     model = model_class.from_pretrained(folder, config=config, **kwargs).eval()
     tokenizer = None
     if load_tokenizer and any(folder.glob("tokenizer*")):
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        # given the config, AutoTokenizer does not read config.json itself (its auto_map would prompt for remote code)
+        tokenizer = AutoTokenizer.from_pretrained(folder, config=config)
     return model, tokenizer

@@ -9,8 +9,9 @@ A recipe is ``name``, ``description`` and ``steps``: a list whose items are sing
       - export: {format: compact}
       - eval: {tasks: [arc_easy, piqa]}
 
-Every error names the file, the line and the key. ``run_recipe`` runs the steps in order; step ``i`` writes the
-folder ``OUT/<i>-<kind>`` atomically with a ``step.json`` record. A later run reuses the steps whose record shows
+Every error names the file, the line and the key. ``run_recipe`` runs the steps in order (what each does:
+``recipe_steps``); step ``i`` writes the folder ``OUT/<i>-<kind>`` atomically with a ``step.json`` record, and the
+next step reads the model from the last folder a model step wrote. A later run reuses the steps whose record shows
 the same settings and input, so an interrupted run resumes where it stopped; from the first step that changed, it
 runs every step again.
 """
@@ -18,7 +19,6 @@ runs every step again.
 from __future__ import annotations
 
 import difflib
-import importlib
 import re
 import shutil
 from dataclasses import dataclass, field, fields
@@ -27,13 +27,15 @@ from typing import Any, Callable
 
 import yaml
 
+from .checkpoint import SAVE_FORMATS
 from .config import PruneConfig
 from .errors import LlmsparseError
+from .moe import MoefyConfig
 from .outputs import atomic_directory, write_json
+from .recipe_steps import MAKES_MODEL, STEPS
 
 STEP_RECORD = "step.json"
 RUN_RECORD = "run.json"
-SAVE_FORMATS = ("dense", "compact")
 
 
 # --------------------------------------------------------------------------- schema
@@ -63,9 +65,9 @@ def _in_unit(v) -> str | None:
     return None if 0 <= v < 1 else f"must be in [0, 1), got {v!r}"
 
 
-def _prune_schema() -> dict[str, Setting]:
-    """PruneConfig's own fields: types here, values checked by PruneConfig itself."""
-    return {f.name: Setting(*_annotation_kind(str(f.type))) for f in fields(PruneConfig)}
+def _fields_schema(config_class) -> dict[str, Setting]:
+    """A config dataclass's own fields (PruneConfig, MoefyConfig): types here, values checked by the class itself."""
+    return {f.name: Setting(*_annotation_kind(str(f.type))) for f in fields(config_class)}
 
 
 def _annotation_kind(annotation: str) -> tuple[str, bool]:
@@ -76,28 +78,22 @@ def _annotation_kind(annotation: str) -> tuple[str, bool]:
     return kind, nullable
 
 
-
+SAVE_FORMAT = Setting("str", check=_choice(*SAVE_FORMATS))  # default: the format of the step's input
 SCHEMAS: dict[str, dict[str, Setting]] = {
-    "prune": _prune_schema(),
+    "prune": {**_fields_schema(PruneConfig), "save_format": SAVE_FORMAT},
     "export": {"format": Setting("str", check=_choice(*SAVE_FORMATS))},
-    "finetune": {
-        "data": Setting("str"),  # training text: a .txt/.jsonl file or a named set
-        "max_steps": Setting("int", check=_at_least(1)),
-        "learning_rate": Setting("float", check=_at_least(0, strict=True)),
+    "finetune": {  # the keywords of finetuning.finetune (flags of `llmsparse finetune`)
+        "data": Setting("str"),  # training text: a .txt/.jsonl file or c4 / wikitext2
+        "steps": Setting("int", check=_at_least(1)),
+        "seqlen": Setting("int", check=_at_least(2)),
+        "lr": Setting("float", check=_at_least(0, strict=True)),
         "batch_size": Setting("int", check=_at_least(1)),
-        "seqlen": Setting("int", check=_at_least(2)),
-        "lora": Setting("bool"),
-        "lora_rank": Setting("int", check=_at_least(1)),
+        "grad_accum": Setting("int", check=_at_least(1)),
+        "lora": Setting("int", nullable=True, check=_at_least(1)),  # a LoRA rank, or null to train the weights
         "seed": Setting("int", check=_at_least(0)),
+        "save_format": SAVE_FORMAT,
     },
-    "moefy": {
-        "experts": Setting("int", check=_at_least(2)),
-        "top_k": Setting("int", check=_at_least(1)),
-        "calib": Setting("str"),
-        "nsamples": Setting("int", check=_at_least(1)),
-        "seqlen": Setting("int", check=_at_least(2)),
-        "seed": Setting("int", check=_at_least(0)),
-    },
+    "moefy": _fields_schema(MoefyConfig),
     "eval": {
         "tasks": Setting("tasks"),
         "limit": Setting("int", nullable=True, check=_at_least(1)),
@@ -112,6 +108,7 @@ SCHEMAS: dict[str, dict[str, Setting]] = {
         "compare_dense": Setting("bool"),  # also evaluate the input model, as the report's baseline
     },
 }
+REQUIRED = {"finetune": ("data", "steps")}
 TOP_LEVEL = {"name": "str", "description": "str", "steps": "list"}
 
 
@@ -250,6 +247,7 @@ def parse_recipe(text: str, path: str = "<recipe>", overrides: list[str] = ()) -
         _apply_override(recipe, override, where)
     for step in recipe.steps:
         _check_step(step, where)
+    _check_after_moefy(recipe.steps, where)
     return recipe
 
 
@@ -296,6 +294,10 @@ def _apply_override(recipe: Recipe, override: str, where: _Where) -> None:
 def _check_step(step: Step, where: _Where) -> None:
     """Range checks of each setting, then the checks that need several settings (PruneConfig's among them)."""
     schema = SCHEMAS[step.kind]
+    missing = [key for key in REQUIRED.get(step.kind, ()) if key not in step.settings]
+    if missing:
+        raise where.error(step.where(), f"the {step.kind} step needs {', '.join(missing)}, "
+                                        f"e.g. {{{', '.join(f'{k}: ...' for k in missing)}}}")
     for key, value in step.settings.items():
         check = schema[key].check
         message = check(value) if check and value is not None else None
@@ -313,9 +315,24 @@ def _check_prune(step: Step, where: _Where) -> None:
 
 
 def _check_moefy(step: Step, where: _Where) -> None:
-    s = step.settings
-    if "top_k" in s and "experts" in s and s["top_k"] > s["experts"]:
-        raise where.error(step.where("top_k"), f"moefy.top_k ({s['top_k']}) cannot exceed experts ({s['experts']})")
+    try:
+        MoefyConfig(**step.settings)
+    except LlmsparseError as e:
+        key = _named_key(str(e), step.settings)
+        raise where.error(step.where(key), f"moefy{'.' + key if key else ''}: {e}") from None
+
+
+def _check_after_moefy(steps: list[Step], where: _Where) -> None:
+    """A moefied model is always saved with its MoE modeling code: no export or save_format after a moefy step."""
+    moefied = False
+    for step in steps:
+        if moefied and step.kind == "export":
+            raise where.error(step.where(), "export after moefy: a moefied model is always saved with its MoE "
+                                            "modeling code and dense weights; remove the export step")
+        if moefied and "save_format" in step.settings:
+            raise where.error(step.where("save_format"), f"{step.kind}.save_format after moefy: a moefied model is "
+                                                         "always saved in its own format; remove save_format")
+        moefied = moefied or step.kind == "moefy"
 
 
 def _check_eval(step: Step, where: _Where) -> None:
@@ -330,15 +347,18 @@ CROSS_CHECKS = {"prune": _check_prune, "moefy": _check_moefy, "eval": _check_eva
 
 
 def _named_key(message: str, settings: dict) -> str | None:
-    """The setting an error message is about (named as in the recipe or as its CLI flag), if any."""
-    for key in sorted(settings, key=len, reverse=True):
-        if re.search(rf"\b({re.escape(key)}|{re.escape(key.replace('_', '-'))})\b", message):
-            return key
-    return None
+    """The setting an error message is about (named as in the recipe or as its CLI flag): the first one it
+    mentions (the longer name where two start at the same place), if any."""
+    found = []
+    for key in settings:
+        match = re.search(rf"\b({re.escape(key)}|{re.escape(key.replace('_', '-'))})\b", message)
+        if match:
+            found.append((match.start(), -len(key), key))
+    return min(found)[2] if found else None
 
 
 def _config_kwargs(settings: dict) -> dict:
-    """The prune settings PruneConfig knows in this build."""
+    """The prune settings that are PruneConfig's (save_format is the step's own)."""
     known = {f.name for f in fields(PruneConfig)}
     return {k: v for k, v in settings.items() if k in known}
 
@@ -374,109 +394,9 @@ class StepContext:
     progress: bool = True
 
 
-def _need(module: str, step: str):
-    """Import a part of llmsparse that a step needs, or say clearly that this build lacks it."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name != module:
-            raise
-        raise LlmsparseError(f"step {step} needs {module}, not available in this build") from None
-
-
-def _load(source: str):
-    from .evaluate import load_for_eval
-
-    return load_for_eval(source)
-
-
-def _manifest_of(source: str) -> dict:
-    from .evaluate import read_manifest
-
-    return read_manifest(source) or {"model": source}
-
-
 def prune_config(settings: dict) -> PruneConfig:
     """PruneConfig for a prune step."""
     return PruneConfig(**_config_kwargs(settings))
-
-
-def step_prune(step: Step, ctx: StepContext, folder: Path) -> None:
-    from .checkpoint import MANIFEST, write_dense
-    from .pruner import prune
-
-    config = prune_config(step.settings)
-    model, tokenizer, _ = _load(ctx.model)
-    report = prune(model, tokenizer, config, device=ctx.device, progress=ctx.progress)
-    write_dense(model, tokenizer, folder)
-    write_json(folder / MANIFEST, {"model": ctx.original, "recipe": ctx.recipe.name, "save_format": "dense",
-                                   **report.to_json()})
-
-
-def step_export(step: Step, ctx: StepContext, folder: Path) -> None:
-    from . import checkpoint
-
-    fmt = step.settings.get("format", "dense")
-    writer = checkpoint.write_dense if fmt == "dense" else getattr(checkpoint, f"write_{fmt}", None)
-    if writer is None:
-        raise LlmsparseError(f"step export with format {fmt} needs llmsparse.checkpoint.write_{fmt}, "
-                             "not available in this build")
-    model, tokenizer, _ = _load(ctx.model)
-    writer(model, tokenizer, folder)
-    write_json(folder / checkpoint.MANIFEST, {**_manifest_of(ctx.model), "save_format": fmt})
-
-
-def model_step(module: str, function: str) -> Callable[[Step, StepContext, Path], None]:
-    """A step that changes the model in place with ``<module>.<function>(model, tokenizer, **settings)``, then
-    saves it; the module is imported only when the step runs (a clear error when this build lacks it)."""
-
-    def run(step: Step, ctx: StepContext, folder: Path) -> None:
-        from .checkpoint import MANIFEST, write_dense
-
-        change = getattr(_need(module, step.kind), function)
-        model, tokenizer, _ = _load(ctx.model)
-        change(model, tokenizer, **step.settings)
-        write_dense(model, tokenizer, folder)
-        write_json(folder / MANIFEST, {**_manifest_of(ctx.model), step.kind: step.settings})
-
-    run.module = module
-    return run
-
-
-def step_eval(step: Step, ctx: StepContext, folder: Path) -> None:
-    from .evaluate import evaluate_run
-    from .report import write_report_files
-
-    settings = eval_settings(step.settings)
-    settings.device = ctx.device
-    compare = step.settings.get("compare_dense", True) and ctx.model != ctx.original
-    models = [ctx.original, ctx.model] if compare else [ctx.model]
-    labels = ["input", ctx.recipe.name] if compare else [ctx.recipe.name]
-    run = evaluate_run(models, settings, progress=ctx.progress, labels=labels)
-    write_report_files(run, folder, title=f"Recipe {ctx.recipe.name}")
-
-
-STEPS: dict[str, Callable[[Step, StepContext, Path], None]] = {
-    "prune": step_prune, "export": step_export, "finetune": model_step("llmsparse.training", "finetune"),
-    "moefy": model_step("llmsparse.moe", "moefy"), "eval": step_eval,
-}
-MAKES_MODEL = {"prune", "export", "finetune", "moefy"}
-
-
-def preflight(recipe: Recipe) -> None:
-    """Refuse before any work a recipe whose steps this build cannot run."""
-    from . import checkpoint
-
-    for step in recipe.steps:
-        module = getattr(STEPS[step.kind], "module", None)
-        if module:
-            _need(module, step.kind)
-        if step.kind == "prune":
-            prune_config(step.settings)
-        fmt = step.settings.get("format", "dense") if step.kind == "export" else "dense"
-        if fmt != "dense" and not hasattr(checkpoint, f"write_{fmt}"):
-            raise LlmsparseError(f"step export with format {fmt} needs llmsparse.checkpoint.write_{fmt}, "
-                                 "not available in this build")
 
 
 def step_folder(out: Path, index: int, step: Step) -> Path:
@@ -492,7 +412,6 @@ def run_recipe(recipe: Recipe, model: str, out, device=None, overwrite: bool = F
     from .outputs import check_output_dir
     from .progress import say
 
-    preflight(recipe)
     out = Path(out).expanduser()
     record = {"recipe": recipe.to_json(), "model": str(model)}
     if out.exists():

@@ -167,7 +167,8 @@ class SparsityCallback(TrainerCallback):
     ``source``: where the masks come from, read when training begins: a pruned folder or its ``llmsparse.json``
     (masks of the modules it lists, from their zeros), or None: the ``llmsparse.json`` of the folder the model
     was loaded from if there is one, else every Linear in the decoder layers that has zeros.
-    ``schedule``: None (keep the masks), ``GradualPruning(...)`` or ``PruneAndGrow(...)``.
+    ``schedule``: None (keep the masks), ``GradualPruning(...)`` or ``PruneAndGrow(...)``. ``allow_empty``: a model
+    with no pruned weights trains unmasked instead of being refused.
 
     Works on plain, data-parallel (accelerate/DDP) and PEFT-wrapped models (the base layers under adapters are
     masked; frozen ones are left to the schedule). At every Trainer log it adds ``sparsity`` (over the masked
@@ -176,7 +177,8 @@ class SparsityCallback(TrainerCallback):
     ``trainer.callback_handler.callbacks``; ``state.log_history`` always has them.
     """
 
-    def __init__(self, source=None, *, schedule: GradualPruning | PruneAndGrow | None = None, ignore=()):
+    def __init__(self, source=None, *, schedule: GradualPruning | PruneAndGrow | None = None, ignore=(),
+                 allow_empty: bool = False):
         if schedule is not None and not isinstance(schedule, (GradualPruning, PruneAndGrow)):
             raise LlmsparseError(f"schedule must be GradualPruning, PruneAndGrow or None, got {type(schedule).__name__}")
         if source is not None and not isinstance(source, dict) and read_manifest(source) is None:
@@ -185,6 +187,7 @@ class SparsityCallback(TrainerCallback):
         self.source = source
         self.schedule = schedule
         self.ignore = list(ignore)
+        self.allow_empty = allow_empty
         self.masks: dict[str, MaskedWeight] = {}
         self.changes_since_log = 0
         self.total_changes = 0
@@ -210,7 +213,7 @@ class SparsityCallback(TrainerCallback):
             for name, module in self._targets.items():
                 if name not in self.masks:
                     self.masks[name] = _masked(module, torch.ones_like(module.weight, dtype=torch.bool))
-        elif not self.masks:
+        elif not self.masks and not self.allow_empty:
             raise LlmsparseError("the model has no pruned weights to keep: prune it first (llmsparse prune), "
                                  "or pass schedule=GradualPruning(...) to prune while training")
         if isinstance(self.schedule, PruneAndGrow):

@@ -1,4 +1,5 @@
-"""Recipes: the shipped ones validate, bad ones are refused naming the key and line, and the runner resumes."""
+"""Recipes: the shipped ones validate, bad ones are refused naming the key and line, every step kind really runs on
+stories260K (prune, compact export, finetune, moefy, eval) and the runner resumes."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ASSETS, STORIES, need
 from llmsparse.errors import LlmsparseError
-from llmsparse.recipes import _need, load_recipe, parse_recipe, preflight, run_recipe
+from llmsparse.models import DEMO_MODEL, DEMO_TEXT
+from llmsparse.recipe_steps import folder_format
+from llmsparse.recipes import load_recipe, parse_recipe, run_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
@@ -20,10 +24,14 @@ def test_recipes_are_shipped():
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
-def test_shipped_recipe_validates(path):
+def test_shipped_recipe_validates(path, capsys):
+    from llmsparse.cli import main
+
     recipe = load_recipe(path)
     assert recipe.name == path.stem and recipe.steps
     assert recipe.steps[-1].kind == "eval"
+    assert main(["run", str(path), "--model", "m", "--out", "o", "--check"]) == 0
+    assert f"valid recipe {recipe.name!r}" in capsys.readouterr().out
 
 
 def test_pattern_stays_text_even_unquoted():
@@ -43,8 +51,14 @@ BAD = [
      r"line 4: prune.owl_lambda: --owl-lambda 1.5 with sparsity 0.5 would ask some layers for sparsity 2"),
     ("steps:\n  - prune:\n      ignore: '*.down_proj'\n", r"line 3: prune.ignore must be a list of strings"),
     ("steps:\n  - export:\n      format: zip\n", r"line 3: export.format must be one of dense, compact"),
-    ("steps:\n  - moefy:\n      experts: 4\n      top_k: 8\n", r"line 4: moefy.top_k \(8\) cannot exceed experts \(4\)"),
-    ("steps:\n  - finetune:\n      lora: maybe\n", r"line 3: finetune.lora must be true or false"),
+    ("steps:\n  - moefy:\n      experts: 8\n      shared: 2\n      top_k: 8\n", r"line 5: moefy.top_k: --top-k must be in \[1, 6\]"),
+    ("steps:\n  - moefy:\n      experts: 8\n      shared: 8\n", r"line 4: moefy.shared: --shared must be in \[0, --experts\)"),
+    ("steps:\n  - finetune:\n      lora: maybe\n", r"line 3: finetune.lora must be an integer, got 'maybe'"),
+    ("steps:\n  - finetune:\n      max_steps: 5\n", r"line 3: unknown key 'max_steps' in the finetune step \(did you mean 'steps'\?\)"),
+    ("steps:\n  - finetune:\n      data: t.txt\n", r"line 2: the finetune step needs steps"),
+    ("steps:\n  - prune:\n      save_format: zip\n", r"line 3: prune.save_format must be one of dense, compact"),
+    ("steps:\n  - moefy: {}\n  - export: {format: compact}\n", r"line 3: export after moefy"),
+    ("steps:\n  - moefy: {}\n  - prune:\n      save_format: compact\n", r"line 4: prune.save_format after moefy"),
     ("steps:\n  - eval:\n      limit: 0\n", r"line 3: eval.limit must be ≥ 1, got 0"),
     ("steps:\n  - eval:\n      tasks: arc_easy\n      tasks: piqa\n", r"line 4: duplicate key 'tasks' in the eval step \(first at line 3\)"),
     ("steps:\n  - evaluate: {}\n", r"line 2: unknown step 'evaluate' in the steps"),
@@ -75,18 +89,6 @@ def test_overrides_apply_and_are_validated():
         parse_recipe(text, "r.yaml", ["nsamples=8"])
 
 
-def test_missing_parts_of_the_build_are_named_before_anything_runs(tmp_path, monkeypatch):
-    from llmsparse import checkpoint
-
-    with pytest.raises(LlmsparseError, match=r"step finetune needs llmsparse\.not_here, not available in this build"):
-        _need("llmsparse.not_here", "finetune")
-    monkeypatch.delattr(checkpoint, "write_compact", raising=False)
-    recipe = parse_recipe("steps:\n  - prune: {method: magnitude}\n  - export: {format: compact}\n")
-    with pytest.raises(LlmsparseError, match=r"export with format compact needs llmsparse\.checkpoint\.write_compact"):
-        run_recipe(recipe, str(STORIES), tmp_path / "run")
-    assert not (tmp_path / "run").exists()
-
-
 def test_cli_run_check_and_refusal(capsys):
     from llmsparse.cli import main
 
@@ -98,49 +100,130 @@ def test_cli_run_check_and_refusal(capsys):
     assert "--set prune.sparsity" in capsys.readouterr().err
 
 
-def test_run_prunes_evaluates_and_resumes(tmp_path, capsys):
-    need(STORIES), need(ASSETS / "bench")
-    text = need(ASSETS / "text" / "tinystories_sample.txt")
+def _zeros(folder) -> dict:
+    """name → boolean zero map of every decoder Linear weight of a folder, loaded with plain modules."""
+    import llmsparse
+
+    model = llmsparse.load(folder, densify=True)
+    return {n: m.weight == 0 for n, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def test_prune_export_compact_finetune_eval_runs_and_resumes(tmp_path, capsys):
+    import llmsparse
+    from llmsparse.sparse import SparseLinear
+
+    need(ASSETS / "bench")
     recipe_text = f"""
 name: tiny
 steps:
   - prune:
       method: wanda
       pattern: 2:4
-      calib: {text}
-      nsamples: 4
-      seqlen: 64
+      calib: {DEMO_TEXT}
+      nsamples: 2
+      seqlen: 32
   - export:
-      format: dense
+      format: compact
+  - finetune:
+      data: {DEMO_TEXT}
+      steps: 3
+      seqlen: 32
+      lr: 0.001
   - eval:
       tasks: [llmsparse_arc_easy]
-      limit: 3
-      ppl_text: {text}
-      ppl_seqlen: 64
+      limit: 2
+      ppl_text: {DEMO_TEXT}
+      ppl_seqlen: 32
       ppl_windows: 2
       compare_dense: false
 """
     recipe = parse_recipe(recipe_text, "tiny.yaml")
-    preflight(recipe)
     out = tmp_path / "run"
-    folders = run_recipe(recipe, str(STORIES), out, device="cpu", progress=False)
-    assert [f.name for f in folders] == ["01-prune", "02-export", "03-eval"]
-    manifest = json.loads((out / "01-prune" / "llmsparse.json").read_text())
+    folders = run_recipe(recipe, str(DEMO_MODEL), out, device="cpu", progress=False)
+    assert [f.name for f in folders] == ["01-prune", "02-export", "03-finetune", "04-eval"]
+    pruned, compact, tuned = folders[:3]
+    manifest = json.loads((pruned / "llmsparse.json").read_text())
     assert manifest["recipe"] == "tiny" and manifest["settings"]["pattern"]["n"] == 2
+    assert manifest["save_format"] == "dense" and folder_format(pruned) == "dense"
     assert manifest["totals"]["sparsity"] == pytest.approx(0.5)
-    assert json.loads((out / "02-export" / "llmsparse.json").read_text())["totals"] == manifest["totals"]
-    results = json.loads((out / "03-eval" / "results.json").read_text())
+
+    # the compact folder: every pruned Linear is a 2:4 SparseLinear holding exactly the pruned folder's weights
+    assert folder_format(compact) == "compact"
+    loaded = llmsparse.load(compact)
+    sparse = {n: m for n, m in loaded.model.layers.named_modules() if isinstance(m, SparseLinear)}
+    assert len(sparse) == len(manifest["modules"]) == 5 * 7
+    formats = {(m.format_meta["format"], m.format_meta["n"], m.format_meta["m"]) for m in sparse.values()}
+    assert formats == {("nm", 2, 4)}
+    dense = llmsparse.load(pruned)
+    for name, module in sparse.items():
+        assert torch.equal(module.dense_weight(), dense.model.layers.get_submodule(name).weight)
+
+    # fine-tuning kept the compact format, kept every pruned zero and changed the surviving weights
+    assert folder_format(tuned) == "compact"
+    record = json.loads((tuned / "llmsparse.json").read_text())
+    assert record["finetune"]["steps"] == 3 and record["totals"] == manifest["totals"]
+    before, after = _zeros(pruned), _zeros(tuned)
+    assert before.keys() == after.keys() and len(before) == 35
+    assert all(torch.equal(before[n] & after[n], before[n]) for n in before)
+    changed = llmsparse.load(tuned, densify=True)
+    assert any(not torch.equal(changed.model.layers.get_submodule(n).weight, dense.model.layers.get_submodule(n).weight)
+               for n in before)
+
+    results = json.loads((folders[3] / "results.json").read_text())
     (model,) = results["models"]
-    assert model["source"] == str(out / "02-export") and model["sparsity"] == pytest.approx(0.5)
-    assert model["lm_eval"]["n-samples"]["llmsparse_arc_easy"]["effective"] == 3
-    assert (out / "03-eval" / "report.md").is_file()
+    assert model["source"] == str(tuned) and model["sparsity"] == pytest.approx(0.5)
+    assert model["lm_eval"]["n-samples"]["llmsparse_arc_easy"]["effective"] == 2
+    assert model["manifest"]["save_format"] == "compact"
+    assert (folders[3] / "report.md").is_file()
 
     stamps = {f.name: (f / "step.json").stat().st_mtime_ns for f in folders}
     capsys.readouterr()
-    run_recipe(recipe, str(STORIES), out, device="cpu", progress=True)
-    assert capsys.readouterr().err.count("done earlier") == 3
+    run_recipe(recipe, str(DEMO_MODEL), out, device="cpu", progress=True)
+    assert capsys.readouterr().err.count("done earlier") == 4
     assert {f.name: (f / "step.json").stat().st_mtime_ns for f in folders} == stamps
 
+
+def test_shipped_moefy_recipe_runs_and_later_steps_load_the_moefied_folder(tmp_path):
+    from llmsparse.evaluate import load_for_eval
+    from llmsparse.moe_modeling import MoeFFN
+
+    text = str(DEMO_TEXT)
+    recipe = load_recipe(REPO / "recipes" / "moefy-50.yaml", [
+        f"moefy.calib={text}", "moefy.nsamples=4", "moefy.seqlen=32", f"finetune.data={text}", "finetune.steps=2",
+        "finetune.seqlen=32", "finetune.batch_size=1", "finetune.lora=2", "eval.tasks=[]", f"eval.ppl_text={text}",
+        "eval.ppl_seqlen=32", "eval.ppl_windows=2"])
+    folders = run_recipe(recipe, str(DEMO_MODEL), tmp_path / "run", device="cpu", progress=False)
+    assert [f.name for f in folders] == ["01-moefy", "02-finetune", "03-eval"]
+    for folder in folders[:2]:
+        assert folder_format(folder) == "moefy"
+        model, tokenizer, manifest = load_for_eval(folder)
+        moes = [m for m in model.modules() if isinstance(m, MoeFFN)]
+        assert len(moes) == 5 and {(m.top_k, len(m.experts)) for m in moes} == {(4, 12)}
+        assert manifest["moefy"]["settings"]["experts"] == 16 and tokenizer is not None
+        for moe in moes:  # the 172 neurons split into 16 near-equal groups, 4 of them shared: 4 of the widest
+            routed = [e.gate_proj.out_features for e in moe.experts]
+            assert moe.shared.gate_proj.out_features + sum(routed) == 172
+            assert moe.shared.gate_proj.out_features == 4 * max(routed) and max(routed) - min(routed) <= 1
+    assert json.loads((folders[1] / "llmsparse.json").read_text())["finetune"]["lora"]["rank"] == 2
+    results = json.loads((folders[2] / "results.json").read_text())
+    assert [m["source"] for m in results["models"]] == [str(DEMO_MODEL), str(folders[1])]
+    dense_ppl, moe_ppl = (m["perplexity"]["ppl"] for m in results["models"])
+    assert moe_ppl > dense_ppl  # half of each FFN skipped costs some perplexity
+
+    # a moefied folder is pruned as it is and saved moefied, zeros and all; exporting it is refused
+    prune = parse_recipe(f"steps:\n  - prune: {{method: wanda, sparsity: 0.5, calib: {text}, nsamples: 2, "
+                         "seqlen: 32}\n")
+    (pruned,) = run_recipe(prune, str(folders[0]), tmp_path / "pruned", device="cpu", progress=False)
+    model, _, manifest = load_for_eval(pruned)
+    assert folder_format(pruned) == "moefy" and "moefy" in manifest
+    expert_names = [n for n in manifest["modules"] if ".experts." in n]
+    assert len(expert_names) == 5 * 12 * 3  # every routed expert's three projections were pruned
+    for name, entry in manifest["modules"].items():
+        weight = model.get_submodule(name).weight
+        assert int((weight == 0).sum()) == entry["zeros"] >= weight.numel() // 2 - weight.shape[0]
+    export = parse_recipe("steps:\n  - export: {format: compact}\n")
+    with pytest.raises(LlmsparseError, match="is a moefied model.*remove the export step"):
+        run_recipe(export, str(folders[0]), tmp_path / "export", progress=False)
 
 
 def test_a_changed_step_reruns_with_every_later_step(tmp_path):

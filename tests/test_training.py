@@ -230,6 +230,9 @@ def test_refusals(pruned, text_ids, tmp_path):
     dense, _ = load_model(str(need(STORIES)))
     with pytest.raises(LlmsparseError, match="no pruned weights"):
         SparsityCallback().setup(dense)
+    allowed = SparsityCallback(allow_empty=True)  # finetune(allow_dense=True): e.g. a moefied model in a recipe
+    allowed.setup(dense)
+    assert allowed.masks == {} and allowed.sparsity() == 0
     from peft import LoraConfig, get_peft_model
 
     peft_model = get_peft_model(copy.deepcopy(pruned), LoraConfig(r=2, target_modules=["q_proj"]))
