@@ -92,7 +92,9 @@ SCHEMAS: dict[str, dict[str, Setting]] = {
     },
     "moefy": {
         "experts": Setting("int", check=_at_least(2)),
+        "shared": Setting("int", check=_at_least(0)),
         "top_k": Setting("int", check=_at_least(1)),
+        "finetune_steps": Setting("int", check=_at_least(0)),
         "calib": Setting("str"),
         "nsamples": Setting("int", check=_at_least(1)),
         "seqlen": Setting("int", check=_at_least(2)),
@@ -316,6 +318,13 @@ def _check_moefy(step: Step, where: _Where) -> None:
     s = step.settings
     if "top_k" in s and "experts" in s and s["top_k"] > s["experts"]:
         raise where.error(step.where("top_k"), f"moefy.top_k ({s['top_k']}) cannot exceed experts ({s['experts']})")
+    from .moe import MoefyConfig
+
+    try:
+        MoefyConfig(**s)
+    except LlmsparseError as e:
+        key = _named_key(str(e), s)
+        raise where.error(step.where(key), f"moefy{'.' + key if key else ''}: {e}") from None
 
 
 def _check_eval(step: Step, where: _Where) -> None:
@@ -330,11 +339,14 @@ CROSS_CHECKS = {"prune": _check_prune, "moefy": _check_moefy, "eval": _check_eva
 
 
 def _named_key(message: str, settings: dict) -> str | None:
-    """The setting an error message is about (named as in the recipe or as its CLI flag), if any."""
-    for key in sorted(settings, key=len, reverse=True):
-        if re.search(rf"\b({re.escape(key)}|{re.escape(key.replace('_', '-'))})\b", message):
-            return key
-    return None
+    """The setting an error message is about (named as in the recipe or as its CLI flag), if any: the one named
+    first, the longer name on a tie."""
+    found = []
+    for key in settings:
+        match = re.search(rf"\b({re.escape(key)}|{re.escape(key.replace('_', '-'))})\b", message)
+        if match:
+            found.append((match.start(), -len(key), key))
+    return min(found)[2] if found else None
 
 
 def _config_kwargs(settings: dict) -> dict:

@@ -44,6 +44,8 @@ BAD = [
     ("steps:\n  - prune:\n      ignore: '*.down_proj'\n", r"line 3: prune.ignore must be a list of strings"),
     ("steps:\n  - export:\n      format: zip\n", r"line 3: export.format must be one of dense, compact"),
     ("steps:\n  - moefy:\n      experts: 4\n      top_k: 8\n", r"line 4: moefy.top_k \(8\) cannot exceed experts \(4\)"),
+    ("steps:\n  - moefy:\n      experts: 8\n      shared: 2\n      top_k: 7\n",
+     r"line 5: moefy.top_k: --top-k must be in \[1, 6\]"),
     ("steps:\n  - finetune:\n      lora: maybe\n", r"line 3: finetune.lora must be true or false"),
     ("steps:\n  - eval:\n      limit: 0\n", r"line 3: eval.limit must be ≥ 1, got 0"),
     ("steps:\n  - eval:\n      tasks: arc_easy\n      tasks: piqa\n", r"line 4: duplicate key 'tasks' in the eval step \(first at line 3\)"),
