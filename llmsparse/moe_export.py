@@ -5,8 +5,9 @@ weights are softmax or sigmoid functions of the same logits that rank the expert
 and Gemma has no MoE sibling at all). So the folder ships its modeling code: ``modeling_llmsparse_moe.py`` is
 ``llmsparse/moe_modeling.py`` verbatim plus two lines that derive the classes from the source model's own
 transformers classes, registered through ``auto_map``. Loading it with plain transformers needs
-``trust_remote_code=True``; ``load_moefied`` builds the same classes from the installed llmsparse instead and needs
-no remote code.
+``trust_remote_code=True``; ``load_moefied`` (and so ``llmsparse.load``) builds the same classes from the installed
+llmsparse instead and needs no remote code. Every llmsparse writer calls ``add_moe_files``, so dense and compact
+folders of a moefied (and possibly pruned) model all reload as the factorised model.
 """
 
 from __future__ import annotations
@@ -175,5 +176,6 @@ def load_moefied(path, *, dtype="auto", device_map=None, load_tokenizer: bool = 
     model = model_class.from_pretrained(folder, **kwargs).eval()
     tokenizer = None
     if load_tokenizer and any(folder.glob("tokenizer*")):
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        # the config given and no remote code: else transformers sees auto_map and asks on stdin whether to run it
+        tokenizer = AutoTokenizer.from_pretrained(folder, config=kwargs["config"], trust_remote_code=False)
     return model, tokenizer

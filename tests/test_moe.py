@@ -285,7 +285,7 @@ def test_moefy_twice_is_refused():
 # --- the real stories260K ----------------------------------------------------------------------------------------
 
 
-def test_stories260k_router_beats_chance_and_reloads(tmp_path):
+def test_stories260k_router_beats_chance_and_reloads(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from llmsparse.data import calibration_windows, load_documents
@@ -305,6 +305,7 @@ def test_stories260k_router_beats_chance_and_reloads(tmp_path):
     save_moefied(model, tok, tmp_path / "moe", report)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", trust_remote_code=True)
     assert torch.equal(loaded(ids).logits, expected)
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("loading asked on stdin to run remote code"))
     again, tok2 = llmsparse.load_model(str(tmp_path / "moe"))
     assert torch.equal(again(ids).logits, expected) and tok2 is not None
 
