@@ -323,6 +323,9 @@ def cmd_finetune(args) -> int:
                 overwrite=args.overwrite)
     say(report.summary(), not args.quiet)
     say(f"saved to {args.out}", not args.quiet)
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .evaluate import EvalSettings, evaluate
 
@@ -348,6 +351,9 @@ def cmd_run(args) -> int:
             print(f"  {i}. {step.kind}: {json.dumps(step.settings)}")
         return 0
     run_recipe(recipe, args.model, args.out, device=args.device, overwrite=args.overwrite, progress=not args.quiet)
+    return 0
+
+
 def cmd_moefy(args) -> int:
     from pathlib import Path
 
