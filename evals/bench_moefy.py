@@ -7,6 +7,7 @@ BENCHMARKS.md.
     python evals/bench_moefy.py                  # the whole grid, resuming
     python evals/bench_moefy.py --rows dense,e16_75
     python evals/bench_moefy.py --list
+    python evals/bench_moefy.py --smoke --rows dense,e16_50_ft   # tiny check on stories260K, writes nothing
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from cpu_protocol import BENCHMARKS, CALIB, EVAL_TEXT, GGUF, REPO  # noqa: E402
 RESULTS = REPO / "evals" / "results" / "moefy.jsonl"
 PROTOCOL = {"calib_nsamples": 32, "calib_seqlen": 512, "seed": 0, "eval_seqlen": 512, "eval_windows": 80,
             "hit_rate_windows": 4}
+SMOKE = {"calib_nsamples": 8, "calib_seqlen": 64, "seed": 0, "eval_seqlen": 64, "eval_windows": 4,
+         "hit_rate_windows": 2}
+FINETUNE = {"finetune_steps": 100, "finetune_lr": 1e-4, "finetune_batch_size": 4}
 
 
 def _grid() -> dict[str, dict | None]:
@@ -36,36 +40,46 @@ def _grid() -> dict[str, dict | None]:
     for name in ("e16_75", "e16_50"):
         rows[f"{name}_nocomp"] = {**rows[name], "compensate": False}
     rows["e16_75_8x2048"] = {**rows["e16_75"], "nsamples": 8, "seqlen": 2048}
+    for name in ("e16_75", "e16_50"):
+        rows[f"{name}_ft"] = {**rows[name], **FINETUNE}
     return rows
 
 
 GRID = _grid()
 
 
-def run_row(name: str) -> dict:
-    """Moefy (unless dense) and evaluate one row in this process; returns its result."""
+def run_row(name: str, smoke: bool = False) -> dict:
+    """Moefy (unless dense) and evaluate one row in this process; returns its result. ``smoke``: on the bundled
+    stories260K and its TinyStories sample with a tiny protocol (checks the script, measures nothing)."""
     import resource
 
     import torch
 
     import llmsparse
     from llmsparse.data import read_text
+    from llmsparse.models import DEMO_MODEL, DEMO_TEXT
     from llmsparse.moe import routing_hit_rate
     from llmsparse.perplexity import perplexity, tokenize_text
     from llmsparse.progress import quiet_transformers
 
     quiet_transformers()
     settings = GRID[name]
-    model, tokenizer = llmsparse.load_model(str(GGUF))
-    ids = tokenize_text(tokenizer, read_text(EVAL_TEXT))
-    seqlen = PROTOCOL["eval_seqlen"]
-    result = {"row": name, "settings": settings, "protocol": PROTOCOL, "threads": torch.get_num_threads(),
+    protocol, calib = (SMOKE, DEMO_TEXT) if smoke else (PROTOCOL, CALIB)
+    model, tokenizer = llmsparse.load_model(str(DEMO_MODEL if smoke else GGUF))
+    ids = tokenize_text(tokenizer, read_text(DEMO_TEXT if smoke else EVAL_TEXT))
+    seqlen = protocol["eval_seqlen"]
+    if smoke and settings is not None:
+        scale = 8 / settings["experts"]  # the same shares of 8 experts (stories260K's FFNs have 172 neurons)
+        settings = {**settings, "experts": 8, "shared": int(settings["shared"] * scale),
+                    "top_k": max(1, int(settings["top_k"] * scale)),
+                    **({"finetune_steps": 2} if "finetune_steps" in settings else {})}
+    result = {"row": name, "settings": settings, "protocol": protocol, "threads": torch.get_num_threads(),
               "date": time.strftime("%Y-%m-%d"), "moefy_s": 0.0}
     if settings is not None:
-        run = {"nsamples": PROTOCOL["calib_nsamples"], "seqlen": PROTOCOL["calib_seqlen"], **settings}
-        report = llmsparse.moefy(model, tokenizer, calib=str(CALIB), seed=PROTOCOL["seed"], device="cpu",
+        run = {"nsamples": protocol["calib_nsamples"], "seqlen": protocol["calib_seqlen"], **settings}
+        report = llmsparse.moefy(model, tokenizer, calib=str(calib), seed=protocol["seed"], device="cpu",
                                  progress=False, **run)
-        held_out = ids[: PROTOCOL["hit_rate_windows"] * seqlen].view(-1, seqlen).split(1)
+        held_out = ids[: protocol["hit_rate_windows"] * seqlen].view(-1, seqlen).split(1)
         rates = routing_hit_rate(model, held_out)
         result.update(moefy_s=report.times["moefy_s"], active_fraction=report.active_fraction,
                       flops_fraction=report.flops_fraction, hit_rate_calib=report.router_hit_rate,
@@ -73,8 +87,12 @@ def run_row(name: str) -> dict:
                       chance=settings["top_k"] / (settings["experts"] - settings["shared"]),
                       rel_error=[round(l["rel_error"], 4) for l in report.layers],
                       rel_error_oracle=[round(l["rel_error_oracle"], 4) for l in report.layers])
+        if report.finetune is not None:
+            f = report.finetune
+            result.update(finetune_s=report.times["finetune_s"], finetune_loss=[f["loss_first"], f["loss_last"]],
+                          hit_rate_calib_after_finetune=f["router_hit_rate"])
     t0 = time.perf_counter()
-    ppl = perplexity(model, ids, seqlen=seqlen, max_windows=PROTOCOL["eval_windows"], device="cpu")
+    ppl = perplexity(model, ids, seqlen=seqlen, max_windows=protocol["eval_windows"], device="cpu")
     result.update(ppl=ppl.ppl, eval_tokens=ppl.tokens, eval_s=round(time.perf_counter() - t0, 1),
                   peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
     return result
@@ -98,12 +116,13 @@ def table(results: dict[str, dict]) -> str:
         if s is None:
             lines.append(f"| {name} | dense | — | 100% | 100% | {r['ppl']:.2f} | 1.000 | — | 0 |")
             continue
-        split = f"{s['experts']} / {s['shared']} / {s['top_k']}" + ("" if s.get("compensate", True) else ", no comp.")
+        split = (f"{s['experts']} / {s['shared']} / {s['top_k']}" + ("" if s.get("compensate", True) else ", no comp.")
+                 + (f", + {s['finetune_steps']} fine-tune steps" if s.get("finetune_steps") else ""))
         calib = f"{s.get('nsamples', r['protocol']['calib_nsamples'])}×{s.get('seqlen', r['protocol']['calib_seqlen'])}"
         lines.append(
             f"| {name} | {split} | {calib} | {r['active_fraction']:.1%} | {r['flops_fraction']:.1%} | {r['ppl']:.2f} | "
             f"{ratio} | {r['hit_rate_calib']:.3f} / {r['hit_rate_wikitext']:.3f}, {r['chance']:.3f} | "
-            f"{r['moefy_s']:.0f} |")
+            f"{r['moefy_s']:.0f}" + (f" (+ {r['finetune_s']:.0f} fine-tuning)" if "finetune_s" in r else "") + " |")
     return "\n".join(lines)
 
 
@@ -115,7 +134,10 @@ def write_benchmarks(results: dict[str, dict], command: str) -> None:
         begin,
         "## moefy (issue 6): SmolLM2-135M-Instruct FFNs → experts, C4 calibration, WikiText-2 first 80×512 windows",
         "",
-        f"Training-free. Measured on this project's 2-core CPU machine (no GPU), torch threads {threads}, dates "
+        "Training-free, except the `_ft` rows: experts and routers then train for "
+        f"{FINETUNE['finetune_steps']} Trainer steps (lr {FINETUNE['finetune_lr']}, batch "
+        f"{FINETUNE['finetune_batch_size']} windows) on the calibration windows themselves. "
+        f"Measured on this project's 2-core CPU machine (no GPU), torch threads {threads}, dates "
         f"{sorted({r['date'] for r in results.values()})}. Command: `{command}`. Calibration: C4 windows drawn with "
         "seed 0 (32×512 unless the row says otherwise). FFN parameters active per token count the shared expert, "
         "the top-k routed experts, the router and the compensation biases; FLOPs likewise, against the dense FFNs. "
@@ -141,6 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("--list", action="store_true", help="list the rows and exit")
     p.add_argument("--redo", action="store_true", help="run the rows again even if they have results")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--smoke", action="store_true", help="run --rows on stories260K at tiny size; print, write nothing")
     args = p.parse_args(argv)
     if args.list:
         for name, settings in GRID.items():
@@ -148,6 +171,12 @@ def main(argv=None) -> int:
         return 0
     if args.one:
         print(json.dumps(run_row(args.one)))
+        return 0
+    if args.smoke:
+        for name in (args.rows or "dense,e16_50,e16_50_ft").split(","):
+            r = run_row(name, smoke=True)
+            print(name, json.dumps({k: r.get(k) for k in ("settings", "ppl", "active_fraction", "hit_rate_wikitext",
+                                                          "finetune_loss")}))
         return 0
     for path in (GGUF, CALIB, EVAL_TEXT):
         if not path.exists():

@@ -48,16 +48,26 @@ def write_dense(model, tokenizer, folder: Path, max_shard_size=None) -> None:
     make_serialisable(model)
     with swapped(model, dense_swaps(model), quantization_config=None):
         model.save_pretrained(folder, **_shard_kwargs(max_shard_size))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+    _finish_folder(model, tokenizer, folder)
 
 
-def _write(model, tokenizer, folder: Path, save_format: str, max_shard_size, tile) -> None:
+def write_model(model, tokenizer, folder: Path, save_format: str = "dense", max_shard_size=None,
+                tile=DEFAULT_TILE) -> None:
+    """Write the model (and tokenizer) into an existing folder as ``dense`` or ``compact`` safetensors."""
+    _check_format(save_format)
     if save_format == "dense":
         write_dense(model, tokenizer, folder, max_shard_size)
         return
     make_serialisable(model)
     write_compact(model, folder, max_shard_size, tile)
+    _finish_folder(model, tokenizer, folder)
+
+
+def _finish_folder(model, tokenizer, folder: Path) -> None:
+    """The tokenizer, and for a moefied model the config and modeling code transformers needs to rebuild it."""
+    from .moe_export import add_moe_files
+
+    add_moe_files(model, folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 
@@ -71,7 +81,7 @@ def save_pruned(model, tokenizer, out, manifest: dict | None = None, save_format
     """
     _check_format(save_format)
     with atomic_directory(out, overwrite) as tmp:
-        _write(model, tokenizer, tmp, save_format, max_shard_size, tile)
+        write_model(model, tokenizer, tmp, save_format, max_shard_size, tile)
         if manifest is not None:
             write_json(tmp / MANIFEST, {**manifest, "save_format": save_format})
     return Path(out)
@@ -108,7 +118,11 @@ def load(source, *, device_map=None, dtype="auto", densify: bool = False, verify
 def _config(source, gguf_file):
     from transformers import AutoConfig
 
+    from .moe_export import is_moefied, moefied_config
+
     where, gguf = resolve_source(source, gguf_file)
+    if not gguf and is_moefied(where):
+        return moefied_config(where)
     try:
         return AutoConfig.from_pretrained(where, **({"gguf_file": gguf} if gguf else {}))
     except (OSError, ValueError) as e:
@@ -143,7 +157,7 @@ def export(source, out, save_format: str = "compact", *, overwrite: bool = False
         raise LlmsparseError(f"--out {out} is the source folder: export into another folder")
     model = load(folder, dtype=dtype, verify=verify)
     with atomic_directory(out, overwrite) as tmp:
-        _write(model, None, tmp, save_format, max_shard_size, tile)
+        write_model(model, None, tmp, save_format, max_shard_size, tile)
         for path in sorted(folder.iterdir()):
             if path.is_file() and path.name not in _WRITTEN and not path.name.endswith(_WEIGHTS):
                 shutil.copy2(path, tmp / path.name)

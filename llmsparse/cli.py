@@ -181,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("moefy", help="split every gated FFN into shared + routed experts with a router (training-free)",
                        description="Factorise each SwiGLU/GeGLU FFN into experts and a closed-form router from "
-                                   "calibration activations; the output folder loads with transformers "
-                                   "(trust_remote_code=True) or llmsparse.load_moefied.")
+                                   "calibration activations; the output folder loads with llmsparse.load or "
+                                   "transformers (trust_remote_code=True).")
     _add_model_args(p, required=False)
     p.add_argument("--experts", type=int, default=16, help="experts per FFN, shared ones included (default 16)")
     p.add_argument("--shared", type=int, default=4, help="how many of them are shared: always active (default 4)")
@@ -193,7 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw and the clustering (default 0)")
     p.add_argument("--no-compensation", action="store_true",
                    help="a skipped expert contributes nothing (default: its calibration mean, folded into biases)")
+    p.add_argument("--finetune-steps", type=int, default=0,
+                   help="then train experts and routers this many Trainer steps on the calibration windows (default 0)")
+    p.add_argument("--finetune-lr", type=float, default=1e-4, help="fine-tuning peak learning rate (default 1e-4)")
     p.add_argument("--out", default=None, help="output folder (default: <model name>-moe<E>s<S>k<K>)")
+    p.add_argument("--save-format", choices=SAVE_FORMATS, default="dense",
+                   help="dense (default) or compact (pruned experts in their smallest format; llmsparse.load)")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress or summary")
     p.set_defaults(func=cmd_moefy)
@@ -362,7 +367,8 @@ def cmd_moefy(args) -> int:
         experts=args.experts, shared=args.shared, top_k=args.top_k,
         calib=args.calib or (str(DEMO_TEXT) if demo else "c4"),
         nsamples=args.nsamples or 32, seqlen=args.seqlen or (DEMO["seqlen"] if demo else 512),
-        seed=args.seed, compensate=not args.no_compensation,
+        seed=args.seed, compensate=not args.no_compensation, finetune_steps=args.finetune_steps,
+        finetune_lr=args.finetune_lr,
     )
     name = "stories260K" if demo else (Path(args.model.rstrip("/")).name.removesuffix(".gguf") or "model")
     out = args.out or f"{name}-moe{config.experts}s{config.shared}k{config.top_k}"
@@ -372,8 +378,9 @@ def cmd_moefy(args) -> int:
         say("no model given: moefying the bundled stories260K demo model on its bundled TinyStories sample", verbose)
     model, tokenizer = load_model(args.model, gguf_file=args.gguf_file, dtype=args.dtype)
     report = moefy(model, tokenizer, config, device=args.device, progress=verbose)
-    save_moefied(model, tokenizer, out, report, overwrite=args.overwrite)
-    say(f"saved to {out} (load with llmsparse.load_moefied, or transformers with trust_remote_code=True)", verbose)
+    save_moefied(model, tokenizer, out, report, overwrite=args.overwrite, save_format=args.save_format)
+    say(f"saved to {out} ({args.save_format}; report in moefy.json; load with llmsparse.load, or transformers "
+        f"with trust_remote_code=True)", verbose)
     return 0
 
 

@@ -115,6 +115,8 @@ def finetune(model: nn.Module, tokenizer, documents: Sequence[str], *, steps: in
              progress: bool = True) -> tuple[nn.Module, FinetuneReport]:
     """Fine-tune ``model`` on ``documents`` for ``steps`` updates, keeping its pruned weights at zero.
 
+    ``documents``: texts, or already tokenised blocks as a LongTensor [n, seqlen] (used as they are).
+
     ``manifest``: the pruned model's ``llmsparse.json`` (dict or folder) naming the masked modules; None reads
     masks from the zeros of the folder the model was loaded from. ``lora``: a LoRA rank to train adapters instead
     of the weights (merged with ``merge_lora`` before returning). ``schedule``: see ``SparsityCallback``.
@@ -129,9 +131,12 @@ def finetune(model: nn.Module, tokenizer, documents: Sequence[str], *, steps: in
         _check_positive(lora=lora)
     if not (lr > 0):
         raise LlmsparseError(f"--lr must be positive, got {lr!r}")
-    limit = max_positions(model.config)
-    seqlen = min(seqlen, limit) if limit else seqlen
-    blocks = token_blocks(tokenizer, documents, seqlen)
+    if isinstance(documents, torch.Tensor):
+        blocks, seqlen = documents, documents.shape[1]
+    else:
+        limit = max_positions(model.config)
+        seqlen = min(seqlen, limit) if limit else seqlen
+        blocks = token_blocks(tokenizer, documents, seqlen)
     log_every = max(1, steps // 20)
     report = FinetuneReport(steps=steps, seqlen=seqlen, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                             seed=seed, blocks=blocks.shape[0], schedule=schedule.to_json() if schedule else None,

@@ -97,7 +97,9 @@ def load_model(source=None, *, gguf_file: str | None = None, dtype="auto", devic
         from .moe_export import is_moefied, load_moefied
 
         if is_moefied(where):
-            return load_moefied(where, dtype=dtype, device_map=device_map, load_tokenizer=load_tokenizer)
+            extra = {k: v for k, v in (("max_memory", max_memory), ("offload_folder", offload_folder)) if v}
+            return load_moefied(where, dtype=dtype, device_map=device_map, load_tokenizer=load_tokenizer,
+                                **extra, **from_pretrained_kwargs)
     torch_dtype = parse_dtype(dtype)
     if gguf and torch_dtype == "auto":
         torch_dtype = torch.float32

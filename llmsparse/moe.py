@@ -14,6 +14,8 @@ layers already factorised):
 5. compensation (optional): an expert a token skips contributes its calibration mean when skipped instead of nothing.
    It is folded into the weights (expert output bias ``-c_e``, FFN offset ``Σ c_e``), so with every expert active the
    FFN is still exactly the dense one.
+6. fine-tuning (optional, ``finetune_steps``): a few Trainer updates of the experts and routers on the calibration
+   windows (``llmsparse.moe_finetune``).
 
 The module itself is ``llmsparse.moe_modeling.MoeFFN``; ``llmsparse.moe_export`` saves a model transformers loads.
 """
@@ -49,12 +51,20 @@ class MoefyConfig:
     compensate: bool = True
     router_ridge: float = 1e-3
     kmeans_iters: int = 25
+    finetune_steps: int = 0
+    finetune_lr: float = 1e-4
+    finetune_batch_size: int = 4
 
     def __post_init__(self):
-        for name in ("experts", "nsamples", "seqlen", "calib_batch_size", "kmeans_iters"):
+        for name in ("experts", "nsamples", "seqlen", "calib_batch_size", "kmeans_iters", "finetune_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise LlmsparseError(f"{name} must be a positive integer, got {value!r}")
+        steps = self.finetune_steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise LlmsparseError(f"--finetune-steps must be a non-negative integer (0: no fine-tuning), got {steps!r}")
+        if not self.finetune_lr > 0:
+            raise LlmsparseError(f"--finetune-lr must be positive, got {self.finetune_lr!r}")
         if self.experts < 2:
             raise LlmsparseError(f"--experts must be at least 2, got {self.experts}")
         if not isinstance(self.shared, int) or not 0 <= self.shared < self.experts:
@@ -329,6 +339,7 @@ class MoefyReport:
     times: dict = field(default_factory=dict)
     dense: dict = field(default_factory=lambda: {"params": 0, "flops": 0})
     active: dict = field(default_factory=lambda: {"params": 0, "flops": 0})
+    finetune: dict | None = None
 
     @property
     def active_fraction(self) -> float:
@@ -364,6 +375,7 @@ class MoefyReport:
                                         "picks, on the calibration tokens",
             },
             "layers": self.layers,
+            "finetune": self.finetune,
             "times": self.times,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         }
@@ -379,6 +391,11 @@ class MoefyReport:
             f"{self.active_fraction:.1%} of FFN parameters and {self.flops_fraction:.1%} of FFN FLOPs per token; "
             f"router hit rate {self.router_hit_rate:.3f} (calibration tokens) in "
             f"{self.times.get('moefy_s', 0):.1f} s, seed {c.seed}")
+        if self.finetune is not None:
+            f = self.finetune
+            lines.append(f"fine-tuned experts and routers {f['steps']} steps ({f['seconds']:.0f} s): training loss "
+                         f"{f['loss_first']:.4f} → {f['loss_last']:.4f}; router hit rate {f['router_hit_rate']:.3f} "
+                         f"on the calibration windows afterwards")
         return "\n".join(lines)
 
 
@@ -481,5 +498,13 @@ def moefy(model: nn.Module, tokenizer=None, config: MoefyConfig | None = None, *
     finally:
         bar.close()
     report.times["moefy_s"] = round(time.perf_counter() - started, 3)
+    if config.finetune_steps:
+        from .moe_finetune import finetune_moe
+
+        t0 = time.perf_counter()
+        report.finetune = finetune_moe(model, calibration, steps=config.finetune_steps, lr=config.finetune_lr,
+                                       batch_size=config.finetune_batch_size, seed=config.seed, device=device,
+                                       progress=progress)
+        report.times["finetune_s"] = round(time.perf_counter() - t0, 3)
     say(report.summary(), progress)
     return report

@@ -5,8 +5,9 @@ weights are softmax or sigmoid functions of the same logits that rank the expert
 and Gemma has no MoE sibling at all). So the folder ships its modeling code: ``modeling_llmsparse_moe.py`` is
 ``llmsparse/moe_modeling.py`` verbatim plus two lines that derive the classes from the source model's own
 transformers classes, registered through ``auto_map``. Loading it with plain transformers needs
-``trust_remote_code=True``; ``load_moefied`` builds the same classes from the installed llmsparse instead and needs
-no remote code.
+``trust_remote_code=True``; ``load_moefied`` (and so ``llmsparse.load``) builds the same classes from the installed
+llmsparse instead and needs no remote code. Every llmsparse writer calls ``add_moe_files``, so dense and compact
+folders of a moefied (and possibly pruned) model all reload as the factorised model.
 """
 
 from __future__ import annotations
@@ -17,35 +18,43 @@ from pathlib import Path
 from torch import nn
 
 from . import moe_modeling
-from .checkpoint import MANIFEST, write_dense
+from .checkpoint import MANIFEST, write_model
 from .errors import LlmsparseError
-from .models import find_decoder_layers
 from .moe_modeling import SPEC_KEY, MoeFFN, moe_classes
 from .outputs import atomic_directory, write_json
 
 MODELING_FILE = "modeling_llmsparse_moe.py"
 REPORT_FILE = "moefy.json"
-SAVE_FORMAT = "moefy"
 
 
 def moe_spec(model: nn.Module) -> dict:
-    """Where the MoE FFNs sit and their sizes: what ``install_moe`` needs to rebuild the model's structure."""
-    prefix, layers = find_decoder_layers(model)
-    ffn, attr = {}, None
-    for index, layer in enumerate(layers):
-        for name, child in layer.named_children():
-            if isinstance(child, MoeFFN):
-                attr = attr or name
-                if name != attr:
-                    raise LlmsparseError(f"MoE FFNs sit under different names ({attr}, {name}): cannot export")
-                ffn[str(index)] = {
-                    "shared": child.shared.gate_proj.out_features if child.shared is not None else 0,
-                    "experts": [e.gate_proj.out_features for e in child.experts],
-                    "top_k": child.top_k,
-                    "compensate": child.offset is not None,
-                }
+    """Where the MoE FFNs sit and their sizes: what ``install_moe`` needs to rebuild the model's structure.
+
+    Read from the MoE modules' own names (``<layers>.<index>.<mlp>``), not from a search for decoder layers,
+    which a compact model whose every Linear is a ``SparseLinear`` would fail.
+    """
+    prefixes, attrs, ffn = set(), set(), {}
+    for name, child in model.named_modules():
+        if not isinstance(child, MoeFFN):
+            continue
+        layer, _, attr = name.rpartition(".")
+        prefix, _, index = layer.rpartition(".")
+        if not index.isdigit() or not isinstance(model.get_submodule(prefix), nn.ModuleList):
+            raise LlmsparseError(f"MoE FFN {name} is not the child of a decoder layer in a list: cannot export")
+        prefixes.add(prefix)
+        attrs.add(attr)
+        ffn[index] = {
+            "shared": child.shared.gate_proj.out_features if child.shared is not None else 0,
+            "experts": [e.gate_proj.out_features for e in child.experts],
+            "top_k": child.top_k,
+            "compensate": child.offset is not None,
+        }
     if not ffn:
         raise LlmsparseError("model has no MoE FFNs: run llmsparse.moefy on it first")
+    if len(prefixes) > 1 or len(attrs) > 1:
+        raise LlmsparseError(f"MoE FFNs sit under different names ({', '.join(sorted(attrs | prefixes))}): "
+                             "cannot export")
+    prefix, attr = prefixes.pop(), attrs.pop()
     base = getattr(model.config, SPEC_KEY, None)
     if base is None:
         base = {"base_config_class": type(model.config).__name__, "base_model_class": type(model).__name__,
@@ -80,33 +89,48 @@ def modeling_source(spec: dict) -> str:
             f"\"{model_type_of(spec)}\")\n")
 
 
-def save_moefied(model: nn.Module, tokenizer, out, report=None, overwrite: bool = False) -> Path:
-    """Write the moefied model atomically: weights, patched config, modeling code, tokenizer, report and manifest."""
+def add_moe_files(model: nn.Module, folder) -> bool:
+    """Make a folder that transformers' ``save_pretrained`` wrote for a moefied model rebuildable: point its
+    config.json at the MoE classes (``model_type``, ``architectures``, ``auto_map``, the MoE spec) and add the
+    modeling file. Every writer calls this, so dense, compact and re-exported folders all load. False (and nothing
+    written) for a model without MoE FFNs."""
+    if not any(isinstance(m, MoeFFN) for m in model.modules()):
+        return False
+    folder = Path(folder)
     spec = moe_spec(model)
     _base_classes(spec)
     module = Path(MODELING_FILE).stem
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config.update({
+        "model_type": model_type_of(spec),
+        "architectures": ["LlmsparseMoeForCausalLM"],
+        "auto_map": {"AutoConfig": f"{module}.LlmsparseMoeConfig",
+                     "AutoModelForCausalLM": f"{module}.LlmsparseMoeForCausalLM"},
+        SPEC_KEY: spec,
+    })
+    write_json(config_path, config)
+    (folder / MODELING_FILE).write_text(modeling_source(spec), encoding="utf-8")
+    return True
+
+
+def save_moefied(model: nn.Module, tokenizer, out, report=None, overwrite: bool = False, save_format: str = "dense",
+                 max_shard_size=None) -> Path:
+    """Write the moefied model atomically: weights (``dense``, or ``compact`` for pruned experts), patched config,
+    modeling code, tokenizer, report and manifest."""
+    from . import __version__
+
+    moe_spec(model)
     with atomic_directory(out, overwrite) as tmp:
-        write_dense(model, tokenizer, tmp)
-        config_path = tmp / "config.json"
-        config = json.loads(config_path.read_text())
-        config.update({
-            "model_type": model_type_of(spec),
-            "architectures": ["LlmsparseMoeForCausalLM"],
-            "auto_map": {"AutoConfig": f"{module}.LlmsparseMoeConfig",
-                         "AutoModelForCausalLM": f"{module}.LlmsparseMoeForCausalLM"},
-            SPEC_KEY: spec,
-        })
-        write_json(config_path, config)
-        (tmp / MODELING_FILE).write_text(modeling_source(spec), encoding="utf-8")
+        write_model(model, tokenizer, tmp, save_format, max_shard_size)
         body = report.to_json() if report is not None else None
         if body is not None:
             write_json(tmp / REPORT_FILE, body)
-        from . import __version__
-
         write_json(tmp / MANIFEST, {
-            "llmsparse_version": __version__, "save_format": SAVE_FORMAT, "report": REPORT_FILE if body else None,
-            "load": "llmsparse.load_moefied(path), or transformers AutoModelForCausalLM.from_pretrained(path, "
-                    "trust_remote_code=True)",
+            "llmsparse_version": __version__, "moefied": True, "save_format": save_format,
+            "report": REPORT_FILE if body else None,
+            "load": "llmsparse.load(path), or transformers AutoModelForCausalLM.from_pretrained(path, "
+                    "trust_remote_code=True)" + (" after import llmsparse" if save_format == "compact" else ""),
         })
     return Path(out)
 
@@ -117,24 +141,41 @@ def is_moefied(path) -> bool:
     return config.is_file() and SPEC_KEY in json.loads(config.read_text())
 
 
-def load_moefied(path, *, dtype="auto", device_map=None, load_tokenizer: bool = True):
-    """Load a moefy export with the installed llmsparse code (no remote code runs) → (model, tokenizer)."""
+def _read_spec(folder: Path) -> dict:
+    if not is_moefied(folder):
+        raise LlmsparseError(f"{folder} is not a moefy export (no {SPEC_KEY} in its config.json)")
+    return json.loads((folder / "config.json").read_text())[SPEC_KEY]
+
+
+def moefied_config(path):
+    """The config of a moefy export, as an instance of the installed llmsparse MoE config class."""
+    folder = Path(path).expanduser()
+    spec = _read_spec(folder)
+    config_class, _ = moe_classes(*_base_classes(spec), model_type_of(spec))
+    return config_class.from_pretrained(folder)
+
+
+def load_moefied(path, *, dtype="auto", device_map=None, load_tokenizer: bool = True, **from_pretrained_kwargs):
+    """Load a moefy export (dense or compact) with the installed llmsparse code, no remote code → (model, tokenizer).
+
+    Other keyword arguments (``config``, ``offload_folder``, ...) go to ``from_pretrained``.
+    """
     from transformers import AutoTokenizer
 
+    from .hf_quantizer import register
     from .models import parse_dtype
 
+    register()
     folder = Path(path).expanduser()
-    if not is_moefied(folder):
-        raise LlmsparseError(f"{path} is not a moefy export (no {SPEC_KEY} in its config.json)")
-    spec = json.loads((folder / "config.json").read_text())[SPEC_KEY]
-    config_class, model_class = moe_classes(*_base_classes(spec), model_type_of(spec))
-    config = config_class.from_pretrained(folder)
-    kwargs = {"dtype": parse_dtype(dtype)}
+    spec = _read_spec(folder)
+    _, model_class = moe_classes(*_base_classes(spec), model_type_of(spec))
+    kwargs = {"dtype": parse_dtype(dtype), **from_pretrained_kwargs}
+    kwargs.setdefault("config", moefied_config(folder))
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = model_class.from_pretrained(folder, config=config, **kwargs).eval()
+    model = model_class.from_pretrained(folder, **kwargs).eval()
     tokenizer = None
     if load_tokenizer and any(folder.glob("tokenizer*")):
-        # given the config, AutoTokenizer does not read config.json itself (its auto_map would prompt for remote code)
-        tokenizer = AutoTokenizer.from_pretrained(folder, config=config)
+        # the config given and no remote code: else transformers sees auto_map and asks on stdin whether to run it
+        tokenizer = AutoTokenizer.from_pretrained(folder, config=kwargs["config"], trust_remote_code=False)
     return model, tokenizer

@@ -7,7 +7,9 @@ Semantics of ``MoeFFN`` for a token x with chosen routed experts T (the ``top_k`
 
     y = shared(x) + sum_{e in T} expert_e(x) + offset,    expert_e(x) = down_e(act(gate_e x) * up_e x) + b_e
 
-Every chosen expert has weight exactly 1. With ``offset = -sum_e b_e`` (the dropped-expert compensation, see
+Every chosen expert has weight exactly 1. While training (``llmsparse.moe_finetune``) the weight is written
+``exp(s_e - sg(s_e))`` with s_e the router score and sg a stop-gradient: still exactly 1, but the loss reaches the
+router through it (d weight / d s_e = 1), which top-k selection alone would not let it. With ``offset = -sum_e b_e`` (the dropped-expert compensation, see
 ``llmsparse.moe``) an expert that is not chosen contributes its calibration mean ``-b_e`` instead of nothing, and with
 every expert chosen ``y`` is the dense FFN output again.
 """
@@ -66,6 +68,13 @@ class MoeFFN(nn.Module):
             return torch.arange(count, device=x.device).expand(x.shape[0], count)
         return self.router(x).topk(self.top_k, dim=-1).indices
 
+    def _training_gates(self, x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor | None:
+        """``exp(s - sg(s))`` of the chosen experts' scores while training with gradients, else None (weight 1)."""
+        if not (self.training and torch.is_grad_enabled()) or self.top_k >= len(self.experts):
+            return None
+        scores = self.router(x).gather(1, chosen)
+        return torch.exp(scores - scores.detach())
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
@@ -78,12 +87,17 @@ class MoeFFN(nn.Module):
             token_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(chosen.shape[1])
             order = torch.argsort(expert_of, stable=True)
             token_of = token_of[order]
+            gates = self._training_gates(x, chosen)
+            gates = gates.reshape(-1)[order] if gates is not None else None
             counts = torch.bincount(expert_of, minlength=len(self.experts)).tolist()
             start = 0
             for expert, n in zip(self.experts, counts):
                 if n:
                     tokens = token_of[start:start + n]
-                    out.index_add_(0, tokens, expert(x[tokens]).to(out.dtype))
+                    y = expert(x[tokens])
+                    if gates is not None:
+                        y = y * gates[start:start + n, None].to(y.dtype)
+                    out.index_add_(0, tokens, y.to(out.dtype))
                 start += n
         return out.reshape(shape)
 

@@ -17,18 +17,20 @@ from typing import Callable
 from .errors import LlmsparseError
 from .outputs import write_json
 
+MOEFIED = "moefy"  # the pseudo-format of a moefied folder: dense weights plus its MoE modeling code
+
 
 def folder_format(source) -> str:
     """``moefy``, ``compact`` or ``dense``: how the model at ``source`` is stored (hub ids and GGUF: dense)."""
     from .hf_quantizer import QUANT_METHOD
-    from .moe_export import SAVE_FORMAT, is_moefied
+    from .moe_export import is_moefied
 
     folder = Path(str(source)).expanduser()
     config = folder / "config.json"
     if not config.is_file():
         return "dense"
     if is_moefied(folder):
-        return SAVE_FORMAT
+        return MOEFIED
     quantization = json.loads(config.read_text()).get("quantization_config")
     return "compact" if isinstance(quantization, dict) and quantization.get("quant_method") == QUANT_METHOD else "dense"
 
@@ -47,28 +49,27 @@ def load_editable(source):
 
 def output_format(step, fmt_in: str) -> str:
     """The format a model step saves in: its ``save_format``, else its input's (moefied models stay moefied)."""
-    from .moe_export import SAVE_FORMAT
 
     wanted = step.settings.get("save_format")
-    if fmt_in == SAVE_FORMAT:
+    if fmt_in == MOEFIED:
         if wanted is not None:
             raise LlmsparseError(f"step {step.kind}: {step.kind}.save_format {wanted} cannot apply to a moefied model "
                                  "(it is always saved with its MoE modeling code): remove save_format")
-        return SAVE_FORMAT
+        return MOEFIED
     return wanted or fmt_in
 
 
 def save_model(model, tokenizer, folder: Path, manifest: dict, save_format: str, moefy_report=None) -> None:
     """Write ``model`` into the step's (existing, empty) folder in ``save_format`` with ``manifest``."""
     from .checkpoint import MANIFEST, save_pruned
-    from .moe_export import SAVE_FORMAT, save_moefied
+    from .moe_export import save_moefied
 
-    if save_format != SAVE_FORMAT:
+    if save_format != MOEFIED:
         save_pruned(model, tokenizer, folder, manifest, save_format=save_format, overwrite=True)
         return
     save_moefied(model, tokenizer, folder, moefy_report, overwrite=True)
     own = json.loads((folder / MANIFEST).read_text())
-    write_json(folder / MANIFEST, {**own, **manifest, "save_format": SAVE_FORMAT})
+    write_json(folder / MANIFEST, {**manifest, **own})
 
 
 def _record(ctx, extra: dict) -> dict:
@@ -91,9 +92,8 @@ def step_prune(step, ctx, folder: Path) -> None:
 def step_export(step, ctx, folder: Path) -> None:
     """Re-save the previous folder as dense or compact (``checkpoint.export``)."""
     from .checkpoint import export
-    from .moe_export import SAVE_FORMAT
 
-    if folder_format(ctx.model) == SAVE_FORMAT:
+    if folder_format(ctx.model) == MOEFIED:
         raise LlmsparseError(f"step export: {ctx.model} is a moefied model, always saved with its MoE modeling code; "
                              "remove the export step")
     export(ctx.model, folder, step.settings.get("format", "dense"), overwrite=True)
@@ -121,12 +121,11 @@ def step_finetune(step, ctx, folder: Path) -> None:
 def step_moefy(step, ctx, folder: Path) -> None:
     """Split every gated FFN into experts with a router (``moe.moefy``); saved in the moefy format."""
     from .moe import MoefyConfig, moefy
-    from .moe_export import SAVE_FORMAT
 
     config = MoefyConfig(**step.settings)
     model, tokenizer, _, _ = load_editable(ctx.model)
     report = moefy(model, tokenizer, config, device=ctx.device, progress=ctx.progress)
-    save_model(model, tokenizer, folder, _record(ctx, {"moefy": report.to_json()}), SAVE_FORMAT, moefy_report=report)
+    save_model(model, tokenizer, folder, _record(ctx, {"moefy": report.to_json()}), MOEFIED, moefy_report=report)
 
 
 def step_eval(step, ctx, folder: Path) -> None:

@@ -213,6 +213,7 @@ def test_export_reloads_in_plain_transformers_with_identical_logits(family, tmp_
     assert torch.equal(loaded(ids).logits, expected)
     ours, _ = load_moefied(out)
     assert torch.equal(ours(ids).logits, expected)
+    assert torch.equal(llmsparse.load(out)(ids).logits, expected)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -284,7 +285,7 @@ def test_moefy_twice_is_refused():
 # --- the real stories260K ----------------------------------------------------------------------------------------
 
 
-def test_stories260k_router_beats_chance_and_reloads(tmp_path):
+def test_stories260k_router_beats_chance_and_reloads(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from llmsparse.data import calibration_windows, load_documents
@@ -304,5 +305,170 @@ def test_stories260k_router_beats_chance_and_reloads(tmp_path):
     save_moefied(model, tok, tmp_path / "moe", report)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", trust_remote_code=True)
     assert torch.equal(loaded(ids).logits, expected)
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("loading asked on stdin to run remote code"))
     again, tok2 = llmsparse.load_model(str(tmp_path / "moe"))
     assert torch.equal(again(ids).logits, expected) and tok2 is not None
+
+
+def pruned_moe(tmp_path=None):
+    """Tiny Llama moefied into 16-neuron experts, then every Linear pruned 2:4 (experts wide enough for 2:4)."""
+    model, report = moefied("llama", experts=4, shared=1, top_k=2)
+    llmsparse.prune(model, calibration=random_tokens(4, 32, seed=2), method="wanda", pattern="2:4",
+                    device="cpu", progress=False)
+    return model, report
+
+
+def expert_linears(model):
+    return {name: m for name, m in model.named_modules() if ".mlp." in name and name.endswith("_proj")}
+
+
+@pytest.mark.parametrize("writer", ["save_pruned", "save_moefied"])
+def test_pruned_experts_save_compactly_and_reload_with_identical_logits(writer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from llmsparse.checkpoint import MANIFEST
+
+    model, report = pruned_moe()
+    ids = random_tokens(2, 16, seed=3)
+    expected = model(ids).logits
+    out = tmp_path / "compact"
+    if writer == "save_pruned":
+        llmsparse.save_pruned(model, None, out, {"note": "moefied then pruned"}, save_format="compact")
+    else:
+        save_moefied(model, None, out, report, save_format="compact")
+        assert json.loads((out / MANIFEST).read_text())["save_format"] == "compact"
+    modules = json.loads((out / "config.json").read_text())["quantization_config"]["sparsity_config"]["modules"]
+    experts = {k: v["format"] for k, v in modules.items() if ".mlp." in k}
+    assert len(experts) == 2 * 3 * 4 and set(experts.values()) == {"2:4"}
+    assert not [k for k in modules if "router" in k]
+    loaded = llmsparse.load(out)
+    kinds = {type(m).__name__ for m in expert_linears(loaded).values()}
+    assert kinds == {"SparseLinear"}
+    assert torch.equal(loaded(ids).logits, expected)
+    assert torch.equal(loaded.model.layers[1].mlp.router.weight, model.model.layers[1].mlp.router.weight)
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)(ids).logits, expected)
+    dense = tmp_path / "dense"
+    llmsparse.export(out, dense, "dense")
+    assert is_moefied(dense) and torch.equal(llmsparse.load(dense)(ids).logits, expected)
+
+
+def test_prune_after_moefy_leaves_routers_out_of_the_manifest():
+    model, _ = moefied("llama", experts=8, shared=2, top_k=3)
+    report = llmsparse.prune(model, calibration=random_tokens(4, 32, seed=2), method="magnitude", sparsity=0.5,
+                             device="cpu", progress=False)
+    names = set(report.to_json()["modules"])
+    assert {n for n in names if ".mlp." in n} == {f"model.layers.{i}.mlp.{e}.{p}" for i in range(2)
+                                                   for e in ["shared"] + [f"experts.{j}" for j in range(6)]
+                                                   for p in ("gate_proj", "up_proj", "down_proj")}
+
+
+# --- fine-tuning --------------------------------------------------------------------------------------------------
+
+
+def test_training_gates_are_exactly_one_and_reach_the_router():
+    model, _ = moefied("llama", experts=8, shared=2, top_k=3)
+    ids = random_tokens(2, 16, seed=4)
+    expected = model(ids).logits
+    model.train()
+    logits = model(ids).logits
+    assert torch.equal(logits, expected)
+    logits.square().mean().backward()
+    router = model.model.layers[1].mlp.router
+    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+
+
+def test_finetune_keeps_pruned_expert_zeros_and_trains_only_the_moe():
+    from llmsparse.moe_finetune import finetune_moe
+
+    model, _ = pruned_moe()
+    zeros = {n: m.weight == 0 for n, m in expert_linears(model).items()}
+    frozen = {n: p.clone() for n, p in model.named_parameters() if ".mlp." not in n}
+    before = {n: m.weight.clone() for n, m in expert_linears(model).items()}
+    out = finetune_moe(model, random_tokens(8, 32, seed=6), steps=3, lr=1e-2, batch_size=4, seed=0, device="cpu",
+                       progress=False)
+    assert out["steps"] == 3 and len(out["losses"]) == 3 and 0 <= out["router_hit_rate"] <= 1
+    for name, module in expert_linears(model).items():
+        assert torch.equal(module.weight == 0, zeros[name]), name
+    assert any(not torch.equal(m.weight, before[n]) for n, m in expert_linears(model).items())
+    for name, param in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(param, frozen[name]), name
+        assert param.requires_grad
+
+
+def test_stories260k_finetune_lowers_the_loss_and_reloads(tmp_path):
+    from llmsparse.data import calibration_windows, load_documents
+    from llmsparse.models import DEMO_TEXT, load_model
+    from llmsparse.moe_finetune import finetune_moe
+
+    model, tok = load_model(str(need(STORIES)))
+    windows = calibration_windows(tok, load_documents(str(DEMO_TEXT)), 16, 64, seed=0)
+    report = moefy(model, tok, calibration=windows, device="cpu", progress=False, experts=8, shared=2, top_k=3)
+
+    def loss():
+        with torch.no_grad():
+            return model(input_ids=windows, labels=windows).loss.item()
+
+    untrained = loss()
+    report.finetune = finetune_moe(model, windows, steps=10, lr=1e-3, batch_size=4, seed=0, device="cpu",
+                                   progress=False)
+    assert loss() < 0.9 * untrained
+    ids = windows[:2]
+    expected = model(ids).logits
+    save_moefied(model, tok, tmp_path / "moe", report)
+    assert json.loads((tmp_path / "moe" / "moefy.json").read_text())["finetune"]["steps"] == 10
+    assert torch.equal(llmsparse.load(tmp_path / "moe")(ids).logits, expected)
+
+
+# --- the command line ---------------------------------------------------------------------------------------------
+
+FAST = ["--experts", "8", "--shared", "2", "--top-k", "3", "--nsamples", "4", "--seqlen", "32"]
+
+
+def test_cli_demo_writes_report_and_prints_it(tmp_path, capsys):
+    from llmsparse.cli import main
+
+    out = tmp_path / "moe"
+    assert main(["moefy", "--out", str(out), "--finetune-steps", "2", "--finetune-lr", "1e-3", *FAST]) == 0
+    printed = capsys.readouterr()
+    text = printed.out + printed.err
+    assert "bundled stories260K" in text and "of FFN parameters" in text and "fine-tuned experts" in text
+    body = json.loads((out / "moefy.json").read_text())
+    totals = body["totals"]
+    assert totals["ffn_params_active_per_token"] < totals["ffn_params_dense_per_token"]
+    assert totals["ffn_flops_active_per_token"] < totals["ffn_flops_dense_per_token"]
+    assert 0 <= totals["router_hit_rate"] <= 1 and body["finetune"]["steps"] == 2
+    model = llmsparse.load(out)
+    assert len(moe_layers(model)) == 5
+    quiet = tmp_path / "quiet"
+    assert main(["moefy", "--out", str(quiet), "--quiet", *FAST]) == 0
+    printed = capsys.readouterr()
+    assert printed.out == "" and "moefied" not in printed.err and is_moefied(quiet)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--experts", "8", "--shared", "2", "--top-k", "7"], "--top-k must be in [1, 6]"),
+    (["--experts", "8", "--shared", "8", "--top-k", "1"], "--shared must be in [0, --experts)"),
+    (["--finetune-steps", "-1"], "--finetune-steps"),
+])
+def test_cli_bad_settings_fail_in_one_line_without_output(args, message, tmp_path, capsys):
+    from llmsparse.cli import main
+
+    out = tmp_path / "moe"
+    assert main(["moefy", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llmsparse: error:") and message in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_cli_refuses_a_model_without_gated_ffn(tmp_path, capsys):
+    from llmsparse.cli import main
+
+    src = tmp_path / "gpt2"
+    tiny_model("gpt2").save_pretrained(src)
+    out = tmp_path / "moe"
+    (tmp_path / "calib.txt").write_text("Once upon a time there was a cat. " * 50)
+    assert main(["moefy", str(src), "--out", str(out), "--calib", str(tmp_path / "calib.txt"), "--quiet", *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llmsparse: error:") and "gated FFN" in err and "\n" not in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
