@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .devices import execution_device
 from .errors import LlmsparseError
 from .models import max_positions
 from .perplexity import tokenize_text
@@ -127,6 +128,7 @@ def finetune(model: nn.Module, tokenizer, documents: Sequence[str], *, steps: in
         _check_positive(lora=lora)
     if not (lr > 0):
         raise LlmsparseError(f"--lr must be positive, got {lr!r}")
+    execution_device(device)
     limit = max_positions(model.config)
     seqlen = min(seqlen, limit) if limit else seqlen
     blocks = token_blocks(tokenizer, documents, seqlen)
