@@ -35,6 +35,23 @@ def _check_format(save_format: str) -> None:
         raise LlmsparseError(f"unknown save format {save_format!r}: choose one of {', '.join(SAVE_FORMATS)}")
 
 
+def shard_size(max_shard_size) -> int | None:
+    """``max_shard_size`` in bytes (an integer, or a string such as ``5GB``, ``500MiB`` or ``1000``), checked before
+    any work so that a typo does not surface only when the pruned model is being written."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    if max_shard_size is None:
+        return None
+    text = str(max_shard_size).strip()
+    try:
+        size = int(text) if text.isdigit() else convert_file_size_to_int(text)
+    except (ValueError, AttributeError):
+        size = None
+    if isinstance(max_shard_size, bool) or not isinstance(size, int) or size <= 0:
+        raise LlmsparseError(f"max shard size {max_shard_size!r} is not a size: write bytes or e.g. 5GB, 500MB")
+    return size
+
+
 def _shard_kwargs(max_shard_size) -> dict:
     return {} if max_shard_size is None else {"max_shard_size": max_shard_size}
 
@@ -55,6 +72,7 @@ def write_model(model, tokenizer, folder: Path, save_format: str = "dense", max_
                 tile=DEFAULT_TILE) -> None:
     """Write the model (and tokenizer) into an existing folder as ``dense`` or ``compact`` safetensors."""
     _check_format(save_format)
+    max_shard_size = shard_size(max_shard_size)
     if save_format == "dense":
         write_dense(model, tokenizer, folder, max_shard_size)
         return
@@ -149,6 +167,7 @@ def export(source, out, save_format: str = "compact", *, overwrite: bool = False
     The model is loaded whole into memory (no offload) since every weight is re-encoded.
     """
     _check_format(save_format)
+    shard_size(max_shard_size)
     folder = Path(source).expanduser()
     if not (folder / "config.json").is_file():
         raise LlmsparseError(f"{source} is not a model folder (no config.json): export takes a local folder")

@@ -11,6 +11,14 @@ from .errors import LlmsparseError
 DEMO = {"calib_note": "bundled TinyStories sample", "nsamples": 32, "seqlen": 128, "out": "stories260K-pruned"}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, ``llmsparse: error: ...`` with exit code 2, like every bad input."""
+
+    def error(self, message):
+        sub = self.prog.removeprefix("llmsparse").strip()
+        self.exit(2, f"llmsparse: error: {sub + ': ' if sub else ''}{message} (see {self.prog} --help)\n")
+
+
 def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("model", nargs=None if required else "?", default=None,
                    help="hub id, local folder or .gguf file" + ("" if required else
@@ -26,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate import DEFAULT_TASKS
     from .methods import DEFAULT_METHOD, METHODS, REFINERS
 
-    parser = argparse.ArgumentParser(prog="llmsparse", description="Post-training sparsification of Hugging Face LLMs.")
+    parser = _Parser(prog="llmsparse", description="Post-training sparsification of Hugging Face LLMs.")
     parser.add_argument("--version", action="version", version=f"llmsparse {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -179,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start again: remove the run folder first")
     p.add_argument("--quiet", action="store_true", help="no progress")
     p.set_defaults(func=cmd_run)
+
     p = sub.add_parser("moefy", help="split every gated FFN into shared + routed experts with a router (training-free)",
                        description="Factorise each SwiGLU/GeGLU FFN into experts and a closed-form router from "
                                    "calibration activations; the output folder loads with llmsparse.load or "
@@ -205,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _given(value, default):
+    """The user's value when one was given (0 and '' included, so that the config refuses them), else the default."""
+    return default if value is None else value
+
+
 def _version() -> str:
     from . import __version__
 
@@ -221,10 +235,11 @@ def _default_out(model: str | None, method: str, pattern) -> str:
 
 
 def cmd_prune(args) -> int:
-    from .checkpoint import save_pruned
-    from .config import PruneConfig
     from pathlib import Path
 
+    from .checkpoint import save_pruned, shard_size
+    from .config import PruneConfig
+    from .devices import execution_device
     from .models import DEMO_TEXT, load_model, parse_max_memory
     from .outputs import check_output_dir
     from .progress import say
@@ -233,9 +248,9 @@ def cmd_prune(args) -> int:
     demo = args.model is None
     config = PruneConfig(
         method=args.method, sparsity=args.sparsity, pattern=args.pattern,
-        calib=args.calib or (str(DEMO_TEXT) if demo else "c4"),
-        nsamples=args.nsamples or (DEMO["nsamples"] if demo else 128),
-        seqlen=args.seqlen or (DEMO["seqlen"] if demo else 2048),
+        calib=_given(args.calib, str(DEMO_TEXT) if demo else "c4"),
+        nsamples=_given(args.nsamples, DEMO["nsamples"] if demo else 128),
+        seqlen=_given(args.seqlen, DEMO["seqlen"] if demo else 2048),
         seed=args.seed, ignore=args.ignore, calib_batch_size=args.calib_batch_size, scope=args.scope,
         expert_calibration=args.expert_calibration,
         blocksize=args.blocksize, percdamp=args.percdamp, allocation=args.allocation, owl_m=args.owl_m,
@@ -247,6 +262,8 @@ def cmd_prune(args) -> int:
               + (f"-{args.refine.replace(',', '-')}" if args.refine else ""))
     out = args.out or _default_out(args.model, recipe, config.parsed_pattern())
     check_output_dir(out, args.overwrite)
+    execution_device(args.device)
+    shard_size(args.max_shard_size)
     verbose = not args.quiet
     if demo:
         say("no model given: pruning the bundled stories260K demo model on its bundled TinyStories sample", verbose)
@@ -287,11 +304,11 @@ def cmd_ppl(args) -> int:
     from .data import read_text
     from .models import load_model
     from .perplexity import perplexity, tokenize_text
-    from .pruner import default_device
+    from .devices import execution_device
 
     text = read_text(args.text)
     model, tokenizer = load_model(args.model, gguf_file=args.gguf_file, dtype=args.dtype)
-    device = args.device or default_device()
+    device = execution_device(args.device)
     model.to(device)
     result = perplexity(model, tokenize_text(tokenizer, text), seqlen=args.seqlen, max_windows=args.max_windows,
                         batch_size=args.batch_size, device=device)
@@ -306,6 +323,7 @@ def cmd_ppl(args) -> int:
 def cmd_finetune(args) -> int:
     from .checkpoint import save_pruned
     from .data import load_documents
+    from .devices import execution_device
     from .finetuning import finetune
     from .models import load_model
     from .outputs import check_output_dir
@@ -313,6 +331,7 @@ def cmd_finetune(args) -> int:
     from .training import read_manifest
 
     check_output_dir(args.out, args.overwrite)
+    execution_device(args.device)
     manifest = read_manifest(args.model) or {}
     documents = load_documents(args.data)
     model, tokenizer = load_model(args.model, gguf_file=args.gguf_file, dtype=args.dtype)
@@ -356,6 +375,7 @@ def cmd_run(args) -> int:
 def cmd_moefy(args) -> int:
     from pathlib import Path
 
+    from .devices import execution_device
     from .models import DEMO_TEXT, load_model
     from .moe import MoefyConfig, moefy
     from .moe_export import save_moefied
@@ -365,14 +385,15 @@ def cmd_moefy(args) -> int:
     demo = args.model is None
     config = MoefyConfig(
         experts=args.experts, shared=args.shared, top_k=args.top_k,
-        calib=args.calib or (str(DEMO_TEXT) if demo else "c4"),
-        nsamples=args.nsamples or 32, seqlen=args.seqlen or (DEMO["seqlen"] if demo else 512),
+        calib=_given(args.calib, str(DEMO_TEXT) if demo else "c4"),
+        nsamples=_given(args.nsamples, 32), seqlen=_given(args.seqlen, DEMO["seqlen"] if demo else 512),
         seed=args.seed, compensate=not args.no_compensation, finetune_steps=args.finetune_steps,
         finetune_lr=args.finetune_lr,
     )
     name = "stories260K" if demo else (Path(args.model.rstrip("/")).name.removesuffix(".gguf") or "model")
     out = args.out or f"{name}-moe{config.experts}s{config.shared}k{config.top_k}"
     check_output_dir(out, args.overwrite)
+    execution_device(args.device)
     verbose = not args.quiet
     if demo:
         say("no model given: moefying the bundled stories260K demo model on its bundled TinyStories sample", verbose)

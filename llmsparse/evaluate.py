@@ -48,6 +48,10 @@ class EvalSettings:
     def __post_init__(self):
         if isinstance(self.tasks, str):
             self.tasks = [t.strip() for t in self.tasks.split(",") if t.strip()]
+        if self.device is not None:
+            from .devices import execution_device
+
+            execution_device(self.device)
         if not self.tasks and self.ppl_text is None:
             raise LlmsparseError("nothing to evaluate: give --tasks and/or keep the perplexity evaluation")
         for name, low in (("limit", 1), ("num_fewshot", 0), ("batch_size", 1), ("ppl_seqlen", 2), ("ppl_windows", 1),
@@ -227,7 +231,7 @@ def run_lm_eval(model, tokenizer, plan: TaskPlan, settings: EvalSettings, task_m
 def evaluate_model(source, settings: EvalSettings, plan: TaskPlan | None, task_manager=None, label: str | None = None,
                    ppl_text: tuple[str, str] | None = None, progress: bool = True) -> dict:
     """Load one model and evaluate it: lm-eval tasks, perplexity, and the sparsity of its weights."""
-    from .pruner import default_device
+    from .devices import execution_device
 
     label = label or model_label(source)
     times = {}
@@ -235,7 +239,7 @@ def evaluate_model(source, settings: EvalSettings, plan: TaskPlan | None, task_m
     say(f"[{label}] loading {source}", progress)
     model, tokenizer, manifest = load_for_eval(source, settings.dtype)
     overall, per_layer = weight_sparsity(model)
-    device = settings.device or default_device()
+    device = execution_device(settings.device)
     model.to(device)
     times["load_s"] = round(time.perf_counter() - t0, 2)
     result = {"label": label, "source": str(source), "manifest": _manifest_summary(manifest),

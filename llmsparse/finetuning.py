@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .devices import execution_device
 from .errors import LlmsparseError
 from .models import max_positions
 from .perplexity import tokenize_text
@@ -131,6 +132,7 @@ def finetune(model: nn.Module, tokenizer, documents: Sequence[str], *, steps: in
         _check_positive(lora=lora)
     if not (lr > 0):
         raise LlmsparseError(f"--lr must be positive, got {lr!r}")
+    execution_device(device)
     if isinstance(documents, torch.Tensor):
         blocks, seqlen = documents, documents.shape[1]
     else:

@@ -112,13 +112,19 @@ def load_model(source=None, *, gguf_file: str | None = None, dtype="auto", devic
             kwargs["max_memory"] = max_memory
         if offload_folder:
             kwargs["offload_folder"] = str(offload_folder)
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
         tokenizer = None
         if load_tokenizer:
             tkw = {"gguf_file": gguf} if gguf else {}
             tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **tkw)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
+        if isinstance(e, SafetensorError) and Path(where).is_dir():
+            from .integrity import read_folder
+
+            read_folder(Path(where))  # names the damaged file (truncated, bad header) when it can
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = "check the folder or hub id (offline? set a local folder)" if not Path(where).exists() else "check the folder's files"
         raise LlmsparseError(f"could not load model {source or where}: {first} ({hint})") from e

@@ -440,13 +440,14 @@ def moefy(model: nn.Module, tokenizer=None, config: MoefyConfig | None = None, *
     ``nsamples``, ``seqlen``, ``seed``, ...). ``calibration`` may give the token windows directly as a LongTensor
     [nsamples, seqlen]; otherwise they are drawn from ``config.calib`` with ``tokenizer``.
     """
-    from .pruner import check_seqlen, default_device
+    from .devices import execution_device
+    from .pruner import check_seqlen
 
     if config is None:
         config = MoefyConfig.from_kwargs(**settings)
     elif settings:
         raise LlmsparseError("give either a MoefyConfig or keyword settings, not both")
-    device = str(device or default_device())
+    device = execution_device(device)
     if any(isinstance(m, MoeFFN) for m in model.modules()):
         raise LlmsparseError("this model is already moefied: moefy a dense model")
     _, layers = find_decoder_layers(model)

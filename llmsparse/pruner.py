@@ -15,6 +15,7 @@ from . import __version__
 from .allocation import LayerPlan, plan_layers
 from .config import PruneConfig
 from .data import calibration_windows, load_documents
+from .devices import default_device, execution_device  # noqa: F401  (default_device: imported from here too)
 from .engine import LayerRun, walk_layers
 from .errors import LlmsparseError
 from .masks import sparsity_of
@@ -22,10 +23,6 @@ from .methods import get_method, get_refiners
 from .models import find_decoder_layers, find_targets, max_positions, set_weight_matrix, weight_matrix
 from .progress import LayerProgress, say
 from .resume import LayerCheckpoint, tensor_digest
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def peak_memory() -> dict:
@@ -244,7 +241,7 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | None = None, *
         config = PruneConfig.from_kwargs(**settings)
     elif settings:
         raise LlmsparseError("give either a PruneConfig or keyword settings, not both")
-    device = str(device or default_device())
+    device = execution_device(device)
     pattern = config.parsed_pattern()
     method = get_method(config.method, scope=config.scope, blocksize=config.blocksize, percdamp=config.percdamp)
     check_targets(model, config.ignore)

@@ -57,9 +57,8 @@ class LayerCheckpoint:
             self.next_layer = data["next_layer"]
             self.state = data.get("state", {})
             self._cache_dir = data.get("cache")
-        else:
+        else:  # a fresh walk: the folder appears at the first commit, so a run failing before it leaves nothing
             shutil.rmtree(self.folder, ignore_errors=True)
-            (self.folder / "layers").mkdir(parents=True)
 
     @property
     def resuming(self) -> bool:
@@ -85,6 +84,7 @@ class LayerCheckpoint:
 
     def commit(self, index: int, layer: nn.Module, hidden) -> None:
         """Persist layer ``index``'s weights and the activations it produced, then mark it finished."""
+        (self.folder / "layers").mkdir(parents=True, exist_ok=True)
         tmp = self.folder / "layers" / f".{index:05d}.tmp"
         save_file({k: v.detach().to("cpu").contiguous() for k, v in layer.state_dict().items()}, tmp)
         os.replace(tmp, self.folder / "layers" / f"{index:05d}.safetensors")

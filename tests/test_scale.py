@@ -151,3 +151,31 @@ def test_same_seed_same_masks_other_seed_other_windows(tmp_path):
     masks = [{k: v != 0 for k, v in o.items()} for o in outs]
     assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
     assert any(not torch.equal(masks[0][k], masks[2][k]) for k in masks[0])
+
+
+def test_cli_device_map_auto_with_disk_offload_writes_the_in_memory_bytes(tmp_path):
+    """The README's recipe for models larger than memory: ``--device-map auto --max-memory cpu=500KB
+    --offload-folder`` puts stories260K's layers 1-4 on disk; the pruned checkpoint is byte-identical to a run with
+    the model in memory, and the pruned weights of the disk layers went to the offload folder."""
+    reference, out, offload = tmp_path / "reference", tmp_path / "offloaded", tmp_path / "offload"
+    assert run_cli(reference, ["--no-checkpoint"]) == 0
+    assert run_cli(out, ["--device-map", "auto", "--max-memory", "cpu=500KB", "--offload-folder", str(offload),
+                         "--offload-activations"]) == 0
+    assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+    written = {p.name.split(".")[2] for p in offload.glob("model.layers.*.self_attn.q_proj.weight.dat")}
+    assert written == {"1", "2", "3", "4"}
+
+
+def test_placement_follows_accelerate_for_accelerators_and_device_otherwise():
+    """Where each layer is calibrated (README, "Several GPUs"): on the accelerator accelerate dispatched it to; a
+    layer whose hook executes on the CPU (CPU or disk offload without a GPU) or a plain layer runs on ``device``."""
+    from types import SimpleNamespace
+
+    from llmsparse.engine import placement
+
+    layer = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    assert placement(layer, torch.device("cpu")) == torch.device("cpu")
+    layer[0]._hf_hook = SimpleNamespace(execution_device=torch.device("cuda", 1))
+    assert placement(layer, torch.device("cuda", 0)) == torch.device("cuda", 1)
+    layer[0]._hf_hook = SimpleNamespace(hooks=[SimpleNamespace(execution_device=torch.device("cpu"))])
+    assert placement(layer, torch.device("cuda", 0)) == torch.device("cuda", 0)

@@ -28,9 +28,12 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[to
         Hd = H.clone()
         Hd[diag, diag] += damp
         L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd  # freed as soon as possible: at most four [in, in] matrices live at once, with the caller's
         if info == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if info == 0:
                 return U, dead
         damp = damp * 10 if damp > 0 else torch.tensor(1e-6, device=H.device)
