@@ -75,7 +75,7 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise LlmsparseError(f"{path.name}: safetensors header is not valid JSON ({e}): file edited or corrupt") from None
     base = 8 + length
-    entries, data_end = {}, 0
+    entries = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -89,9 +89,11 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             raise LlmsparseError(f"{name}: {entry.dtype}{list(entry.shape)} needs {entry.numel * dtype.itemsize} "
                                  f"bytes, the header of {path.name} gives it {entry.nbytes}: file edited or corrupt")
         entries[name] = entry
-        data_end = max(data_end, end)
-    if base + data_end > size:
-        raise LlmsparseError(f"{path.name}: {size} bytes, its header needs {base + data_end}: file truncated")
+    cut = sorted((e.start, n) for n, e in entries.items() if e.end > size)
+    if cut:
+        name = cut[0][1]
+        raise LlmsparseError(f"{name}: its bytes end at {entries[name].end} but {path.name} has {size} "
+                             f"({len(cut)} of its tensors cut short): file truncated")
     return entries
 
 
