@@ -111,7 +111,9 @@ def checkpoint_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
             if Path(name).name != name:
                 raise LlmsparseError(f"{index}: lists {name!r}, which is not a file name inside the folder")
             if not (folder / name).is_file():
-                raise LlmsparseError(f"{index}: lists shard {name}, which is missing from {folder}")
+                held = sorted(k for k, v in weight_map.items() if v == name)
+                raise LlmsparseError(f"{held[0]}: the index places it (and {len(held) - 1} other tensors) in shard "
+                                     f"{name}, which is missing from {folder}: file deleted or mismatched index")
         return [folder / n for n in files], weight_map
     single = folder / SINGLE_NAME
     if single.is_file():
