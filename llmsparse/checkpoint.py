@@ -35,8 +35,27 @@ def _check_format(save_format: str) -> None:
         raise LlmsparseError(f"unknown save format {save_format!r}: choose one of {', '.join(SAVE_FORMATS)}")
 
 
+def shard_size(max_shard_size) -> int | None:
+    """``max_shard_size`` (bytes, or a string such as ``"5GB"``/``"500MiB"``) in bytes, checked before any work.
+
+    transformers would only reject a bad value when the weights are written, after the whole prune.
+    """
+    if max_shard_size is None:
+        return None
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        size = convert_file_size_to_int(int(max_shard_size) if str(max_shard_size).isdigit() else max_shard_size)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise LlmsparseError(f"--max-shard-size {max_shard_size!r} is not a size: give bytes or a number with a "
+                             f"unit, e.g. 5GB, 500MB or 2GiB")
+    return size
+
+
 def _shard_kwargs(max_shard_size) -> dict:
-    return {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    return {} if max_shard_size is None else {"max_shard_size": shard_size(max_shard_size)}
 
 
 def write_dense(model, tokenizer, folder: Path, max_shard_size=None) -> None:
@@ -57,7 +76,7 @@ def _write(model, tokenizer, folder: Path, save_format: str, max_shard_size, til
         write_dense(model, tokenizer, folder, max_shard_size)
         return
     make_serialisable(model)
-    write_compact(model, folder, max_shard_size, tile)
+    write_compact(model, folder, shard_size(max_shard_size), tile)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 
@@ -70,6 +89,7 @@ def save_pruned(model, tokenizer, out, manifest: dict | None = None, save_format
     with a ``model.safetensors.index.json`` as transformers does (default: transformers' own limit).
     """
     _check_format(save_format)
+    shard_size(max_shard_size)
     with atomic_directory(out, overwrite) as tmp:
         _write(model, tokenizer, tmp, save_format, max_shard_size, tile)
         if manifest is not None:
@@ -135,6 +155,7 @@ def export(source, out, save_format: str = "compact", *, overwrite: bool = False
     The model is loaded whole into memory (no offload) since every weight is re-encoded.
     """
     _check_format(save_format)
+    shard_size(max_shard_size)
     folder = Path(source).expanduser()
     if not (folder / "config.json").is_file():
         raise LlmsparseError(f"{source} is not a model folder (no config.json): export takes a local folder")

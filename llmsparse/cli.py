@@ -216,7 +216,7 @@ def _default_out(model: str | None, method: str, pattern) -> str:
 
 
 def cmd_prune(args) -> int:
-    from .checkpoint import save_pruned
+    from .checkpoint import save_pruned, shard_size
     from .config import PruneConfig
     from pathlib import Path
 
@@ -242,6 +242,7 @@ def cmd_prune(args) -> int:
               + (f"-{args.refine.replace(',', '-')}" if args.refine else ""))
     out = args.out or _default_out(args.model, recipe, config.parsed_pattern())
     check_output_dir(out, args.overwrite)
+    shard_size(args.max_shard_size)
     verbose = not args.quiet
     if demo:
         say("no model given: pruning the bundled stories260K demo model on its bundled TinyStories sample", verbose)
@@ -362,6 +363,7 @@ def cmd_moefy(args) -> int:
     name = "stories260K" if demo else (Path(args.model.rstrip("/")).name.removesuffix(".gguf") or "model")
     out = args.out or f"{name}-moe{config.experts}s{config.shared}k{config.top_k}"
     check_output_dir(out, args.overwrite)
+    shard_size(args.max_shard_size)
     verbose = not args.quiet
     if demo:
         say("no model given: moefying the bundled stories260K demo model on its bundled TinyStories sample", verbose)

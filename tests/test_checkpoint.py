@@ -418,3 +418,24 @@ def test_checkpoint_benchmark_script_at_a_tiny_size(tmp_path, capsys):
         assert max(r["max_abs_logit_diff"].values()) <= ATOL
     assert lines[-1] == "reloaded perplexities equal the pruned model's: True"
     assert sum(line.startswith(("| 2:4 |", "| 0.7 |")) for line in lines) == 2
+
+
+def test_a_bad_shard_size_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """transformers would only reject it when writing, after a prune of possibly hours."""
+    from llmsparse.checkpoint import shard_size
+
+    assert shard_size("200000") == 200_000 and shard_size("2MiB") == 2 * 2**20 and shard_size("5GB") == 5 * 10**9
+
+    def no_pruning(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr("llmsparse.models.load_model", no_pruning)
+    for size in ("lots", "0KB", "-5MB"):
+        assert main(["prune", "--pattern", "2:4", "--method", "magnitude", f"--max-shard-size={size}",
+                     "--out", str(tmp_path / "p"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("llmsparse: error: --max-shard-size") and len(err.strip().splitlines()) == 1
+    model = tiny_model("llama")
+    with pytest.raises(llmsparse.LlmsparseError, match="not a size"):
+        save_pruned(model, None, tmp_path / "c", save_format="compact", max_shard_size="5 gigabytes")
+    assert list(tmp_path.iterdir()) == []
