@@ -48,12 +48,13 @@ def shard_size(max_shard_size) -> int | None:
     except (ValueError, AttributeError):
         size = None
     if isinstance(max_shard_size, bool) or not isinstance(size, int) or size <= 0:
-        raise LlmsparseError(f"max shard size {max_shard_size!r} is not a size: write bytes or e.g. 5GB, 500MB")
+        raise LlmsparseError(f"--max-shard-size {max_shard_size!r} is not a size: give bytes or a number with a "
+                             "unit, e.g. 5GB, 500MB or 2GiB")
     return size
 
 
 def _shard_kwargs(max_shard_size) -> dict:
-    return {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    return {} if max_shard_size is None else {"max_shard_size": shard_size(max_shard_size)}
 
 
 def write_dense(model, tokenizer, folder: Path, max_shard_size=None) -> None:
@@ -98,6 +99,7 @@ def save_pruned(model, tokenizer, out, manifest: dict | None = None, save_format
     with a ``model.safetensors.index.json`` as transformers does (default: transformers' own limit).
     """
     _check_format(save_format)
+    shard_size(max_shard_size)
     with atomic_directory(out, overwrite) as tmp:
         write_model(model, tokenizer, tmp, save_format, max_shard_size, tile)
         if manifest is not None:

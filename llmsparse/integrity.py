@@ -75,7 +75,7 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise LlmsparseError(f"{path.name}: safetensors header is not valid JSON ({e}): file edited or corrupt") from None
     base = 8 + length
-    entries, data_end = {}, 0
+    entries = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -89,9 +89,11 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             raise LlmsparseError(f"{name}: {entry.dtype}{list(entry.shape)} needs {entry.numel * dtype.itemsize} "
                                  f"bytes, the header of {path.name} gives it {entry.nbytes}: file edited or corrupt")
         entries[name] = entry
-        data_end = max(data_end, end)
-    if base + data_end > size:
-        raise LlmsparseError(f"{path.name}: {size} bytes, its header needs {base + data_end}: file truncated")
+    cut = sorted((e.start, n) for n, e in entries.items() if e.end > size)
+    if cut:
+        name = cut[0][1]
+        raise LlmsparseError(f"{name}: its bytes end at {entries[name].end} but {path.name} has {size} "
+                             f"({len(cut)} of its tensors cut short): file truncated")
     return entries
 
 
@@ -109,7 +111,9 @@ def checkpoint_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
             if Path(name).name != name:
                 raise LlmsparseError(f"{index}: lists {name!r}, which is not a file name inside the folder")
             if not (folder / name).is_file():
-                raise LlmsparseError(f"{index}: lists shard {name}, which is missing from {folder}")
+                held = sorted(k for k, v in weight_map.items() if v == name)
+                raise LlmsparseError(f"{held[0]}: the index places it (and {len(held) - 1} other tensors) in shard "
+                                     f"{name}, which is missing from {folder}: file deleted or mismatched index")
         return [folder / n for n in files], weight_map
     single = folder / SINGLE_NAME
     if single.is_file():

@@ -21,7 +21,7 @@ from llmsparse.masks import nm_mask, topk_row_mask
 from llmsparse.models import DEMO_TEXT, find_decoder_layers, find_targets, load_model
 from llmsparse.sparse import SparseLinear
 
-from conftest import STORIES, need, tiny_model
+from conftest import FAMILIES, REPO, STORIES, TEXT, need, tiny_model
 from test_sparse import prune_model
 
 ATOL = 1e-5
@@ -52,7 +52,7 @@ def sparse_modules(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "qwen2_moe"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_round_trip_is_exact_sparse_and_densified(family, tmp_path):
     model = tiny_model(family)
     prune_model(model, ["2:4", 0.7])
@@ -100,12 +100,20 @@ def test_sharding_follows_transformers_index_layout(tmp_path):
     out = save_pruned(model, None, tmp_path / "c", save_format="compact", max_shard_size="20KB")
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(shards) > 2 and not (out / "model.safetensors").exists()
+    assert shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     index = json.loads((out / "model.safetensors.index.json").read_text())
     found = file_tensors(out)
     assert {k: v[0] for k, v in found.items()} == index["weight_map"]
     assert shards == sorted(set(index["weight_map"].values()))
     assert index["metadata"]["total_size"] == sum(
         fmts_bytes(shape, dtype) for _, shape, dtype in found.values())
+    assert max((out / s).stat().st_size for s in shards) < 2 * 20_000  # one tensor may overflow a shard, not two
+    # the same keys as the index transformers writes itself for the dense model at the same shard size
+    own = json.loads((save_pruned(model, None, tmp_path / "d", max_shard_size="20KB")
+                      / "model.safetensors.index.json").read_text())
+    assert set(index) == set(own) and set(index["metadata"]) == set(own["metadata"])
+    ids = torch.randint(0, 128, (1, 7))
+    assert (logits(llmsparse.load(out), ids) - logits(model, ids)).abs().max() <= ATOL
 
 
 def fmts_bytes(shape, dtype):
@@ -258,31 +266,43 @@ def test_from_pretrained_after_import_and_a_cast_on_load(tmp_path):
 
 
 def test_dense_export_loads_in_plain_transformers_without_llmsparse(tmp_path):
+    """Both dense routes (saved from the pruned model, exported from a compact folder) in a Python that never
+    imports llmsparse: same logits and the same greedy tokens as the pruned model."""
     model = tiny_model("gpt2")
     prune_model(model, ["2:4", 0.7])
     ids = torch.randint(0, 128, (1, 8))
-    ref = logits(model, ids)
+    ref, ref_tokens = logits(model, ids), greedy(model, ids)
+    direct = save_pruned(model, None, tmp_path / "direct", {"note": "test"})
     compact = save_pruned(model, None, tmp_path / "c", save_format="compact")
     assert main(["export", str(compact), "--format", "dense", "--out", str(tmp_path / "d"), "--quiet"]) == 0
-    dense = tmp_path / "d"
-    config = json.loads((dense / "config.json").read_text())
-    assert "quantization_config" not in config and "sparsity_config" not in json.dumps(config)
-    keys = set(file_tensors(dense))
-    assert all(k.endswith((".weight", ".bias")) for k in keys)
-    save_file({"ids": ids, "ref": ref}, tmp_path / "ref.safetensors")
+    folders = [direct, tmp_path / "d"]
+    for dense in folders:
+        config = json.loads((dense / "config.json").read_text())
+        assert "quantization_config" not in config and "sparsity" not in json.dumps(config)
+        assert all(k.endswith((".weight", ".bias")) for k in file_tensors(dense))
+    save_file({"ids": ids, "ref": ref, "tokens": ref_tokens}, tmp_path / "ref.safetensors")
     script = (
         "import sys, torch\n"
         "from safetensors.torch import load_file\n"
         "from transformers import AutoModelForCausalLM\n"
         f"d = load_file({str(tmp_path / 'ref.safetensors')!r})\n"
-        f"m = AutoModelForCausalLM.from_pretrained({str(dense)!r})\n"
-        "assert not [k for k in sys.modules if k.startswith('llmsparse')]\n"
-        "with torch.no_grad(): print((m(d['ids']).logits - d['ref']).abs().max().item())\n"
+        f"for folder in {[str(f) for f in folders]!r}:\n"
+        "    m = AutoModelForCausalLM.from_pretrained(folder)\n"
+        "    assert getattr(m.config, 'quantization_config', None) is None\n"
+        "    with torch.no_grad():\n"
+        "        diff = (m(d['ids']).logits - d['ref']).abs().max().item()\n"
+        "        out = m.generate(d['ids'], max_new_tokens=8, do_sample=False, pad_token_id=0)\n"
+        "    print(diff, torch.equal(out, d['tokens']))\n"
+        "print(sorted(k for k in sys.modules if k.startswith('llmsparse')))\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert float(run.stdout.strip().splitlines()[-1]) <= ATOL
+    *rows, imported = run.stdout.strip().splitlines()[-3:]
+    assert imported == "[]", "llmsparse was imported"
+    for row in rows:
+        diff, same = row.split()
+        assert float(diff) <= ATOL and same == "True"
 
 
 def test_load_takes_plain_dense_folders():
@@ -317,12 +337,22 @@ def test_inspect_reports_formats_sparsity_and_bytes(tmp_path, capsys):
     assert from_dense["compact_bytes"] == t["tensor_bytes"] and from_dense["ideal_bytes"] == t["ideal_bytes"]
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "model.layers.1.mlp.down_proj" in text and "ideal" in text
+    printed = {line.split()[0]: line.split() for line in text.splitlines()[1:] if line.split()[0] in rows}
+    assert set(printed) == set(rows)
+    for name, cells in printed.items():  # module, format, sparsity %, MiB stored, dense, ideal
+        row = rows[name]
+        assert cells[1] == row.format and float(cells[2].rstrip("%")) == pytest.approx(100 * row.sparsity, abs=6e-3)
+        for cell, size in zip(cells[3:6], (row.bytes, row.dense_bytes, row.ideal_bytes)):
+            assert float(cell) == pytest.approx(size / 2**20, abs=6e-4)
+    totals = text.splitlines()[-1]
+    assert totals.startswith("all tensors:")
+    assert f"({t['tensor_bytes'] / t['dense_bytes']:.3f}x)" in totals
+    assert f"({t['tensor_bytes'] / t['ideal_bytes']:.3f}x)" in totals
     assert main(["inspect", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["totals"] == json.loads(json.dumps(t))
 
 
-def test_cli_prune_compact_and_export_round_trip(tmp_path):
+def test_cli_prune_compact_inspect_and_export_round_trip(tmp_path, capsys):
     out = tmp_path / "pruned"
     assert main(["prune", "--pattern", "2:4", "--method", "magnitude", "--save-format", "compact",
                  "--max-shard-size", "200KB", "--out", str(out), "--nsamples", "2", "--seqlen", "16", "--quiet"]) == 0
@@ -330,6 +360,14 @@ def test_cli_prune_compact_and_export_round_trip(tmp_path):
     sparse = llmsparse.load(out)
     assert len(sparse_modules(sparse)) == 35
     assert main(["export", str(out), "--format", "dense", "--out", str(tmp_path / "d"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines if line.startswith(("model.", "lm_head"))]
+    assert len(rows) == 36 and sum(r[1:3] == ["2:4", "50.00%"] for r in rows) == 35  # lm_head: tied, dense
+    stored = sum(fmts_bytes(s, d) for _, s, d in file_tensors(out).values())
+    dense = sum(fmts_bytes(s, d) for _, s, d in file_tensors(tmp_path / "d").values())
+    assert lines[-1].startswith("all tensors:") and f"dense ({stored / dense:.3f}x)" in lines[-1]
     assert main(["export", str(tmp_path / "d"), "--format", "compact", "--out", str(tmp_path / "c"), "--quiet"]) == 0
     again = llmsparse.load(tmp_path / "c")
     ids = torch.randint(0, 512, (1, 12))
@@ -353,3 +391,51 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     assert not sparse_modules(model) and getattr(model.config, "quantization_config", None) is None
     assert isinstance(model.model.layers[0].mlp.up_proj, nn.Linear)
+
+
+def test_checkpoint_benchmark_script_at_a_tiny_size(tmp_path, capsys):
+    """evals/bench_checkpoint.py end to end on stories260K: sizes, load times and reloaded perplexities."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_checkpoint", REPO / "evals" / "bench_checkpoint.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calib = need(TEXT / "c4_en_train00000_first1000.jsonl")
+    eval_text = tmp_path / "wikitext2_start.txt"  # a slice, so that tokenising the whole test set takes no time
+    eval_text.write_text(need(TEXT / "wikitext2_raw_test_joined.txt").read_text()[:20_000])
+    assert bench.main(["--model", str(need(STORIES)), "--targets", "2:4,0.7", "--calib", str(calib),
+                       "--nsamples", "2", "--seqlen", "32", "--seqlen-eval", "32", "--eval-windows", "2",
+                       "--eval-text", str(eval_text), "--no-write"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    results = [json.loads(line) for line in lines if line.startswith("{")]
+    assert [r["target"] for r in results] == ["2:4", "0.7"]
+    for r, fmt in zip(results, ("2:4", "bitmap")):
+        assert r["inspect"]["by_format"][fmt] == 35
+        assert r["compact_bytes"] < 0.7 * r["dense_bytes"] and r["bf16_compact_bytes"] < r["bf16_dense_bytes"]
+        assert all(r[f"load_{name}_s"] > 0 for name in ("dense", "compact", "compact_noverify", "compact_densified"))
+        assert len(set(r["ppl"].values())) == 1 and set(r["ppl"]) == {"pruned", "dense", "compact",
+                                                                     "compact_densified"}
+        assert max(r["max_abs_logit_diff"].values()) <= ATOL
+    assert lines[-1] == "reloaded perplexities equal the pruned model's: True"
+    assert sum(line.startswith(("| 2:4 |", "| 0.7 |")) for line in lines) == 2
+
+
+def test_a_bad_shard_size_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """transformers would only reject it when writing, after a prune of possibly hours."""
+    from llmsparse.checkpoint import shard_size
+
+    assert shard_size("200000") == 200_000 and shard_size("2MiB") == 2 * 2**20 and shard_size("5GB") == 5 * 10**9
+
+    def no_pruning(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr("llmsparse.models.load_model", no_pruning)
+    for size in ("lots", "0KB", "-5MB"):
+        assert main(["prune", "--pattern", "2:4", "--method", "magnitude", f"--max-shard-size={size}",
+                     "--out", str(tmp_path / "p"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("llmsparse: error: --max-shard-size") and len(err.strip().splitlines()) == 1
+    model = tiny_model("llama")
+    with pytest.raises(llmsparse.LlmsparseError, match="not a size"):
+        save_pruned(model, None, tmp_path / "c", save_format="compact", max_shard_size="5 gigabytes")
+    assert list(tmp_path.iterdir()) == []

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import struct
 
 import pytest
 import torch
@@ -73,11 +74,16 @@ def test_the_intact_copy_loads(ckpt):
     assert sum(isinstance(m, llmsparse.SparseLinear) for m in llmsparse.load(ckpt).modules()) == 14
 
 
-def test_truncated_shard(ckpt):
+def test_truncated_shard_names_the_first_tensor_cut_short(ckpt):
     path = shard_of(ckpt, f"{NM}.values")
     data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])  # the safetensors layout: u64 header size, JSON header, data
+    header = {k: v for k, v in json.loads(data[8:8 + length]).items() if k != "__metadata__"}
+    kept = len(data) - 100 - 8 - length  # data bytes left after cutting 100
+    cut = sorted((v["data_offsets"][0], k) for k, v in header.items() if v["data_offsets"][1] > kept)
+    assert 0 < len(cut) < len(header)
     path.write_bytes(data[:-100])
-    refused(ckpt, path.name, "truncated")
+    refused(ckpt, cut[0][1], path.name, f"({len(cut)} of its tensors cut short)", "truncated")
 
 
 def test_edited_header_shape_names_the_tensor_and_the_expected_size(ckpt):
@@ -132,7 +138,8 @@ def test_index_missing_a_tensor_or_naming_a_missing_shard(ckpt):
     index["weight_map"][f"{BITMAP}.bitmap"] = shard
     (ckpt / shard).unlink()
     path.write_text(json.dumps(index))
-    refused(ckpt, shard, "missing")
+    first = min(k for k, v in index["weight_map"].items() if v == shard)
+    refused(ckpt, first, shard, "missing")
 
 
 def test_edited_layout_shape(ckpt):
