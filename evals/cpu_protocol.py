@@ -65,12 +65,14 @@ def _grid() -> dict[str, dict]:
         rows[f"sparsegpt_owl_dsnot_refit_{target}"] = {"method": "sparsegpt", **targets[target], "allocation": "owl",
                                                        "refine": "dsnot,refit"}
     rows["sparsegpt_dsnot_refit_2of4"] = {"method": "sparsegpt", "pattern": "2:4", "refine": "dsnot,refit"}
+    # Float-noise probe: the same settings with one torch thread, so only the order of float reductions changes.
+    rows["sparsegpt_70_1thread"] = {**rows["sparsegpt_70"], "threads": 1}
     return rows
 
 
 GRID = _grid()
 # our rows whose peer figure in PEERS.md has another name
-PEER_NAMES = {"wanda_dsnot_60": "dsnot_wanda_60", "wanda_dsnot_70": "dsnot_wanda_70", "wanda_owl_70": "owl_wanda_70"}
+PEER_NAMES = {"sparsegpt_70_1thread": "sparsegpt_70", "wanda_dsnot_60": "dsnot_wanda_60", "wanda_dsnot_70": "dsnot_wanda_70", "wanda_owl_70": "owl_wanda_70"}
 
 
 def peer_figures() -> dict[str, dict]:
@@ -98,7 +100,9 @@ def run_row(name: str) -> dict:
     from llmsparse.pruner import targeted_sparsity
 
     quiet_transformers()
-    settings = GRID[name]
+    settings = dict(GRID[name]) if GRID[name] is not None else None
+    if settings is not None and "threads" in settings:
+        torch.set_num_threads(settings.pop("threads"))
     model, tokenizer = llmsparse.load_model(str(GGUF))
     result = {"row": name, "settings": settings, "protocol": PROTOCOL, "threads": torch.get_num_threads(),
               "date": time.strftime("%Y-%m-%d"), "prune_s": 0.0, "sparsity": None}
