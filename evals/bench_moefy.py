@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_protocol import BENCHMARKS, CALIB, EVAL_TEXT, GGUF, REPO  # noqa: E402
+from gridrun import run_grid  # noqa: E402
+
+from llmsparse.outputs import write_section  # noqa: E402
 
 RESULTS = REPO / "evals" / "results" / "moefy.jsonl"
 PROTOCOL = {"calib_nsamples": 32, "calib_seqlen": 512, "seed": 0, "eval_seqlen": 512, "eval_windows": 80,
@@ -98,12 +100,6 @@ def run_row(name: str, smoke: bool = False) -> dict:
     return result
 
 
-def load_results() -> dict[str, dict]:
-    if not RESULTS.exists():
-        return {}
-    return {r["row"]: r for r in (json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip())}
-
-
 def table(results: dict[str, dict]) -> str:
     dense = results.get("dense", {}).get("ppl")
     lines = ["| row | experts / shared / top-k | calib | FFN params active | FFN FLOPs | ppl | × dense | "
@@ -128,10 +124,8 @@ def table(results: dict[str, dict]) -> str:
 
 def write_benchmarks(results: dict[str, dict], command: str) -> None:
     """Replace this benchmark's section of BENCHMARKS.md (between its markers) with the current table."""
-    begin, end = "<!-- moefy:begin -->", "<!-- moefy:end -->"
     threads = sorted({r.get("threads") for r in results.values()})
     section = "\n".join([
-        begin,
         "## moefy (issue 6): SmolLM2-135M-Instruct FFNs → experts, C4 calibration, WikiText-2 first 80×512 windows",
         "",
         "Training-free, except the `_ft` rows: experts and routers then train for "
@@ -147,14 +141,8 @@ def write_benchmarks(results: dict[str, dict], command: str) -> None:
         "sharing the 2 cores, so rough.",
         "",
         table(results),
-        end,
     ])
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-    if begin in text:
-        text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    BENCHMARKS.write_text(text)
+    write_section(BENCHMARKS, "moefy", section)
 
 
 def main(argv=None) -> int:
@@ -178,34 +166,8 @@ def main(argv=None) -> int:
             print(name, json.dumps({k: r.get(k) for k in ("settings", "ppl", "active_fraction", "hit_rate_wikitext",
                                                           "finetune_loss")}))
         return 0
-    for path in (GGUF, CALIB, EVAL_TEXT):
-        if not path.exists():
-            print(f"missing asset {path} (set LLMSPARSE_ASSETS)", file=sys.stderr)
-            return 2
-    rows = args.rows.split(",") if args.rows else list(GRID)
-    unknown = [r for r in rows if r not in GRID]
-    if unknown:
-        print(f"unknown rows {unknown}; see --list", file=sys.stderr)
-        return 2
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    command = "python evals/bench_moefy.py" + (f" --rows {args.rows}" if args.rows else "")
-    for name in rows:
-        if name in load_results() and not args.redo:
-            continue
-        print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            return proc.returncode
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        with RESULTS.open("a") as f:
-            f.write(json.dumps(result) + "\n")
-        print(f"    ppl {result['ppl']:.2f}  moefy {result['moefy_s']:.0f} s", flush=True)
-        write_benchmarks(load_results(), command)
-    results = load_results()
-    print(table(results))
-    write_benchmarks(results, command)
-    return 0
+    return run_grid(__file__, GRID, args.rows, RESULTS, (GGUF, CALIB, EVAL_TEXT), args.redo,
+                    lambda r: f"ppl {r['ppl']:.2f}  moefy {r['moefy_s']:.0f} s", write_benchmarks, table)
 
 
 if __name__ == "__main__":

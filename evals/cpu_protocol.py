@@ -15,10 +15,11 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from gridrun import run_grid
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("LLMSPARSE_ASSETS", REPO.parent / "shared" / "assets"))
@@ -72,7 +73,8 @@ def _grid() -> dict[str, dict]:
 
 GRID = _grid()
 # our rows whose peer figure in PEERS.md has another name
-PEER_NAMES = {"sparsegpt_70_1thread": "sparsegpt_70", "wanda_dsnot_60": "dsnot_wanda_60", "wanda_dsnot_70": "dsnot_wanda_70", "wanda_owl_70": "owl_wanda_70"}
+PEER_NAMES = {"sparsegpt_70_1thread": "sparsegpt_70", "wanda_dsnot_60": "dsnot_wanda_60",
+              "wanda_dsnot_70": "dsnot_wanda_70", "wanda_owl_70": "owl_wanda_70"}
 
 
 def peer_figures() -> dict[str, dict]:
@@ -126,16 +128,10 @@ def run_row(name: str) -> dict:
     return result
 
 
-def load_results() -> dict[str, dict]:
-    if not RESULTS.exists():
-        return {}
-    return {r["row"]: r for r in (json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip())}
-
-
 def table(results: dict[str, dict]) -> str:
     peers = peer_figures()
-    lines = ["| row | settings | ppl | peer ppl | ours / peer | sparsity | prune s | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | settings | ppl | peer ppl | ours / peer | sparsity | prune s | of which refine s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name in [n for n in GRID if n in results] + [n for n in results if n not in GRID]:
         r = results[name]
         peer = peers.get(PEER_NAMES.get(name, name))
@@ -143,7 +139,7 @@ def table(results: dict[str, dict]) -> str:
         ratio = f"{r['ppl'] / peer['ppl']:.3f}" if peer else "—"
         lines.append(
             f"| {name} | {settings} | {r['ppl']:.2f} | {peer['ppl'] if peer else '—'} | {ratio} | "
-            f"{r['sparsity']:.4f} | {r['prune_s']:.0f} | {r['peak_rss_mb']:.0f} |"
+            f"{r['sparsity']:.4f} | {r['prune_s']:.0f} | {r.get('refine_s', 0.0):.0f} | {r['peak_rss_mb']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -181,35 +177,9 @@ def main(argv=None) -> int:
     if args.one:
         print(json.dumps(run_row(args.one)))
         return 0
-    for path in (GGUF, CALIB, EVAL_TEXT):
-        if not path.exists():
-            print(f"missing asset {path} (set LLMSPARSE_ASSETS)", file=sys.stderr)
-            return 2
-    rows = args.rows.split(",") if args.rows else list(GRID)
-    unknown = [r for r in rows if r not in GRID]
-    if unknown:
-        print(f"unknown rows {unknown}; see --list", file=sys.stderr)
-        return 2
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    command = "python evals/cpu_protocol.py" + (f" --rows {args.rows}" if args.rows else "")
-    for name in rows:
-        if name in load_results() and not args.redo:
-            continue
-        print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            return proc.returncode
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        with RESULTS.open("a") as f:
-            f.write(json.dumps(result) + "\n")
-        print(f"    ppl {result['ppl']:.2f}  sparsity {result['sparsity']:.4f}  prune {result['prune_s']:.0f} s  "
-              f"rss {result['peak_rss_mb']:.0f} MB", flush=True)
-        write_benchmarks(load_results(), command)
-    results = load_results()
-    print(table(results))
-    write_benchmarks(results, command)
-    return 0
+    return run_grid(__file__, GRID, args.rows, RESULTS, (GGUF, CALIB, EVAL_TEXT), args.redo,
+                    lambda r: f"ppl {r['ppl']:.2f}  sparsity {r['sparsity']:.4f}  prune {r['prune_s']:.0f} s  "
+                              f"rss {r['peak_rss_mb']:.0f} MB", write_benchmarks, table)
 
 
 if __name__ == "__main__":

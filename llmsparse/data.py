@@ -108,3 +108,24 @@ def read_text(path: str | os.PathLike) -> str:
     if not text.strip():
         raise LlmsparseError(f"text file {path} is empty")
     return text
+
+
+def check_seqlen(model, seqlen: int) -> None:
+    """Refuse windows longer than the model's context before any work."""
+    from .models import max_positions
+
+    limit = max_positions(model.config)
+    if limit is not None and seqlen > limit:
+        raise LlmsparseError(f"--seqlen {seqlen} is larger than the model allows ({limit}): use --seqlen {limit} or less")
+
+
+def run_calibration(model, tokenizer, config, calibration: torch.Tensor | None = None, job: str = "prune") -> torch.Tensor:
+    """The calibration windows of a layer-wise job: ``calibration`` checked against the model's context, or windows
+    drawn from ``config.calib`` (``nsamples`` × ``seqlen``, ``seed``) with ``tokenizer``."""
+    if calibration is not None:
+        check_seqlen(model, calibration.shape[1])
+        return calibration
+    check_seqlen(model, config.seqlen)
+    if tokenizer is None:
+        raise LlmsparseError(f"{job} needs a tokenizer to draw calibration windows (or pass calibration=...)")
+    return calibration_windows(tokenizer, load_documents(config.calib), config.nsamples, config.seqlen, config.seed)

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
-from .data import calibration_windows, load_documents
+from .data import run_calibration
 from .engine import LayerRun, walk_layers
 from .errors import LlmsparseError
 from .models import find_decoder_layers
@@ -441,7 +441,6 @@ def moefy(model: nn.Module, tokenizer=None, config: MoefyConfig | None = None, *
     [nsamples, seqlen]; otherwise they are drawn from ``config.calib`` with ``tokenizer``.
     """
     from .devices import execution_device
-    from .pruner import check_seqlen
 
     if config is None:
         config = MoefyConfig.from_kwargs(**settings)
@@ -455,14 +454,7 @@ def moefy(model: nn.Module, tokenizer=None, config: MoefyConfig | None = None, *
         check_ffn(find_ffn(layer)[1], config.experts)
 
     started = time.perf_counter()
-    if calibration is None:
-        check_seqlen(model, config.seqlen)
-        if tokenizer is None:
-            raise LlmsparseError("moefy needs a tokenizer to draw calibration windows (or pass calibration=...)")
-        calibration = calibration_windows(tokenizer, load_documents(config.calib), config.nsamples, config.seqlen,
-                                          config.seed)
-    else:
-        check_seqlen(model, calibration.shape[1])
+    calibration = run_calibration(model, tokenizer, config, calibration, "moefy")
     report = MoefyReport(config=config, device=device)
     report.times["calibration_data_s"] = round(time.perf_counter() - started, 3)
     bar = LayerProgress(f"moefy E{config.experts} S{config.shared} k{config.top_k}", enabled=progress)

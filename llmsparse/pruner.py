@@ -14,13 +14,13 @@ from torch import nn
 from . import __version__
 from .allocation import LayerPlan, plan_layers
 from .config import PruneConfig
-from .data import calibration_windows, load_documents
+from .data import run_calibration
 from .devices import default_device, execution_device  # noqa: F401  (default_device: imported from here too)
 from .engine import LayerRun, walk_layers
 from .errors import LlmsparseError
 from .masks import sparsity_of
 from .methods import get_method, get_refiners
-from .models import find_decoder_layers, find_targets, max_positions, set_weight_matrix, weight_matrix
+from .models import find_decoder_layers, find_targets, set_weight_matrix, weight_matrix
 from .progress import LayerProgress, say
 from .resume import LayerCheckpoint, tensor_digest
 
@@ -138,12 +138,6 @@ def model_fingerprint(model: nn.Module) -> dict:
             "first_weight": tensor_digest(first) if first is not None else None}
 
 
-def check_seqlen(model: nn.Module, seqlen: int) -> None:
-    limit = max_positions(model.config)
-    if limit is not None and seqlen > limit:
-        raise LlmsparseError(f"--seqlen {seqlen} is larger than the model allows ({limit}): use --seqlen {limit} or less")
-
-
 def check_targets(model: nn.Module, ignore) -> None:
     """Refuse early a model with nothing to prune (before any calibration work)."""
     prefix, layers = find_decoder_layers(model)
@@ -247,14 +241,7 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | None = None, *
     check_targets(model, config.ignore)
 
     started = time.perf_counter()
-    if calibration is None:
-        check_seqlen(model, config.seqlen)
-        if tokenizer is None:
-            raise LlmsparseError("prune needs a tokenizer to draw calibration windows (or pass calibration=...)")
-        calibration = calibration_windows(tokenizer, load_documents(config.calib), config.nsamples, config.seqlen,
-                                          config.seed)
-    else:
-        check_seqlen(model, calibration.shape[1])
+    calibration = run_calibration(model, tokenizer, config, calibration, "prune")
     report = PruneReport(config=config, device=device, method_options=method.options())
     refinements = _Refinements(get_refiners(
         config.refine, max_cycles=config.refine_max_cycles, threshold=config.refine_threshold,
