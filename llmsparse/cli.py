@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .errors import LlmsparseError
@@ -418,8 +419,12 @@ def main(argv=None) -> int:
         print(f"llmsparse: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("llmsparse: interrupted; no output was written", file=sys.stderr)
+        print("llmsparse: interrupted; no output folder was written (a prune continues with --resume)",
+              file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `llmsparse inspect DIR | head`: the reader left, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
