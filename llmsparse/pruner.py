@@ -220,6 +220,18 @@ class _Refinements:
                 for r in self.refiners}
 
 
+def _layer_plan(config: PruneConfig, model: nn.Module, batches, resumed: dict, *, progress: bool, device,
+                cache_device, offload_activations: bool) -> LayerPlan:
+    """The per-layer sparsity plan: the one a resumed run saved, or a new one (OWL runs its scoring pass here)."""
+    pattern = config.parsed_pattern()
+    if "plan" in resumed:
+        return LayerPlan.from_state(pattern, resumed["plan"])
+    with _layer_progress(f"{config.allocation} scoring", progress and config.allocation != "uniform", device) as bar:
+        return plan_layers(config.allocation, pattern, model, batches, m=config.owl_m, lam=config.owl_lambda,
+                           device=device, cache_device=cache_device, offload_activations=offload_activations,
+                           ignore=config.ignore, on_layer=bar.on_layer, on_batch=bar.on_batch)
+
+
 def prune(model: nn.Module, tokenizer=None, config: PruneConfig | None = None, *, calibration: torch.Tensor | None = None,
           device=None, cache_device=None, offload_activations: bool = False, checkpoint_dir=None,
           resume: bool = False, progress: bool = True, **settings) -> PruneReport:
@@ -258,14 +270,8 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | None = None, *
             **report.resume_state(), "plan": plan.state(), "refinement": refinements.totals})
         report.load_resume_state(checkpoint.state)
         refinements.totals.update(checkpoint.state.get("refinement", {}))
-    if checkpoint is not None and "plan" in checkpoint.state:
-        plan = LayerPlan.from_state(pattern, checkpoint.state["plan"])
-    else:
-        with _layer_progress(f"{config.allocation} scoring", progress and config.allocation != "uniform",
-                             device) as bar:
-            plan = plan_layers(config.allocation, pattern, model, batches, m=config.owl_m, lam=config.owl_lambda,
-                               device=device, cache_device=cache_device, offload_activations=offload_activations,
-                               ignore=config.ignore, on_layer=bar.on_layer, on_batch=bar.on_batch)
+    plan = _layer_plan(config, model, batches, checkpoint.state if checkpoint else {}, progress=progress,
+                       device=device, cache_device=cache_device, offload_activations=offload_activations)
     report.allocation = plan.to_json()
 
     def prune_module(name: str, module: nn.Module, stats, index: int) -> int:
