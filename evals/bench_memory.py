@@ -30,6 +30,18 @@ RESULTS = REPO / "evals" / "results" / "memory.jsonl"
 ROWS = [(m, mode) for m in ("wanda", "sparsegpt") for mode in ("in_memory", "offloaded")]
 
 
+def peak_rss_mb() -> float:
+    """This process's resident-set high-water mark (VmHWM). Not ``ru_maxrss``: Linux carries that across exec, so a
+    row would inherit the parent's peak (the parent loads the GGUF model once to make the plain folder)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def plain_folder(model: str) -> Path:
     """A safetensors copy of a GGUF model (made once, in the temp folder); other models are used as they are."""
     if not model.endswith(".gguf"):
@@ -56,7 +68,7 @@ def run_one(args) -> dict:
     from llmsparse.progress import quiet_transformers
 
     quiet_transformers()
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    baseline = peak_rss_mb()
     folder = plain_folder(args.model)
     offload = args.mode == "offloaded"
     work = Path(tempfile.mkdtemp(prefix="llmsparse-mem-"))
@@ -71,7 +83,7 @@ def run_one(args) -> dict:
     else:
         model, tok = llmsparse.load_model(str(folder))
     load_s = time.perf_counter() - t0
-    rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_after_load = peak_rss_mb()
     windows = calibration_windows(tok, load_documents(args.calib), args.nsamples, args.seqlen, 0)
     report = llmsparse.prune(model, tok, calibration=windows, method=args.method, sparsity=0.5, device="cpu",
                              offload_activations=offload, progress=False)
@@ -82,7 +94,7 @@ def run_one(args) -> dict:
             "seqlen": args.seqlen, "params": params, "model_mb": round(size_mb, 1),
             "load_s": round(load_s, 1), "prune_s": report.times["prune_s"], "sparsity": report.sparsity,
             "rss_after_load_mb": round(rss_after_load, 1), "rss_baseline_mb": round(baseline, 1),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
             "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
 
 
