@@ -105,9 +105,8 @@ def main(argv=None) -> int:
             f"{CALIBRATION['seqlen']}-token C4 windows (`{CALIB.name}`), seed {CALIBRATION['seed']}.",
             f"--limit {args.limit}: the first {args.limit} rows of each task's evaluation split, to run in reasonable "
             "time on 2 shared CPU cores; the full splits give tighter standard errors.",
-            "The 70% row is the best 70% recipe on the CPU protocol: SparseGPT with OWL layer sparsities, then "
-            "DSnoT and refit.",
-        ]}
+        ] + (["The 70% row is the best 70% recipe on the CPU protocol: SparseGPT with OWL layer sparsities, then "
+               "DSnoT and refit."] if "sparsegpt_owl_dsnot_refit_70" in names else [])}
     finally:
         if plan is not None:
             plan.close()
