@@ -12,7 +12,6 @@ BENCHMARKS.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_protocol import BENCHMARKS, CALIB, EVAL_TEXT, GGUF, REPO  # noqa: E402
-from gridrun import run_grid  # noqa: E402
+from gridrun import grid_parser, run_grid  # noqa: E402
 
 from llmsparse.outputs import write_section  # noqa: E402
 
@@ -146,11 +145,7 @@ def write_benchmarks(results: dict[str, dict], command: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", default=None, help="comma-separated row names (default: the whole grid)")
-    p.add_argument("--list", action="store_true", help="list the rows and exit")
-    p.add_argument("--redo", action="store_true", help="run the rows again even if they have results")
-    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    p = grid_parser(__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="run --rows on stories260K at tiny size; print, write nothing")
     args = p.parse_args(argv)
     if args.list:

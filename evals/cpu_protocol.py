@@ -11,7 +11,6 @@ implementations' figures from ../shared/PEERS.md where that row exists) is print
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -19,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from gridrun import run_grid
+from gridrun import grid_parser, run_grid
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("LLMSPARSE_ASSETS", REPO.parent / "shared" / "assets"))
@@ -164,11 +163,7 @@ def write_benchmarks(results: dict[str, dict], command: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", default=None, help="comma-separated row names (default: the whole grid)")
-    p.add_argument("--list", action="store_true", help="list the rows and exit")
-    p.add_argument("--redo", action="store_true", help="run the rows again even if they have results")
-    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    p = grid_parser(__doc__.splitlines()[0])
     args = p.parse_args(argv)
     if args.list:
         for name, settings in GRID.items():

@@ -6,12 +6,23 @@ the results file; rows already there are skipped unless ``redo``, so an interrup
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Callable
+
+
+def grid_parser(description: str) -> argparse.ArgumentParser:
+    """The options every grid script shares: --rows, --list, --redo (and --one, how a row runs in its subprocess)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--rows", default=None, help="comma-separated row names (default: the whole grid)")
+    p.add_argument("--list", action="store_true", help="list the rows and exit")
+    p.add_argument("--redo", action="store_true", help="run the rows again even if they have results")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    return p
 
 
 def load_results(path: Path) -> dict[str, dict]:

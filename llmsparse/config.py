@@ -76,8 +76,13 @@ class PruneConfig:
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "PruneConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise LlmsparseError(f"unknown prune setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**kwargs)
+        return from_known_fields(cls, kwargs, "prune")
+
+
+def from_known_fields(cls, kwargs: dict, what: str):
+    """``cls(**kwargs)`` for a settings dataclass, refusing unknown names in one line that lists the known ones."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise LlmsparseError(f"unknown {what} setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return cls(**kwargs)

@@ -23,11 +23,12 @@ The module itself is ``llmsparse.moe_modeling.MoeFFN``; ``llmsparse.moe_export``
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
+from .config import from_known_fields
 from .data import run_calibration
 from .engine import LayerRun, walk_layers
 from .errors import LlmsparseError
@@ -87,11 +88,7 @@ class MoefyConfig:
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "MoefyConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise LlmsparseError(f"unknown moefy setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**kwargs)
+        return from_known_fields(cls, kwargs, "moefy")
 
 
 # ---------------------------------------------------------------------------------------------------------------
