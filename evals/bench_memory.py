@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -28,18 +27,6 @@ GGUF = ASSETS / "models" / "smollm2-135m-instruct-q4_1" / "SmolLM2-135M-Instruct
 CALIB = ASSETS / "text" / "c4_en_train00000_first1000.jsonl"
 RESULTS = REPO / "evals" / "results" / "memory.jsonl"
 ROWS = [(m, mode) for m in ("wanda", "sparsegpt") for mode in ("in_memory", "offloaded")]
-
-
-def peak_rss_mb() -> float:
-    """This process's resident-set high-water mark (VmHWM). Not ``ru_maxrss``: Linux carries that across exec, so a
-    row would inherit the parent's peak (the parent loads the GGUF model once to make the plain folder)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def plain_folder(model: str) -> Path:
@@ -64,6 +51,7 @@ def run_one(args) -> dict:
 
     import llmsparse
     from llmsparse.data import calibration_windows, load_documents
+    from llmsparse.pruner import peak_rss_mb
     from llmsparse.models import find_decoder_layers
     from llmsparse.progress import quiet_transformers
 

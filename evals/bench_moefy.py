@@ -52,11 +52,10 @@ GRID = _grid()
 def run_row(name: str, smoke: bool = False) -> dict:
     """Moefy (unless dense) and evaluate one row in this process; returns its result. ``smoke``: on the bundled
     stories260K and its TinyStories sample with a tiny protocol (checks the script, measures nothing)."""
-    import resource
-
     import torch
 
     import llmsparse
+    from llmsparse.pruner import peak_rss_mb
     from llmsparse.data import read_text
     from llmsparse.models import DEMO_MODEL, DEMO_TEXT
     from llmsparse.moe import routing_hit_rate
@@ -95,7 +94,7 @@ def run_row(name: str, smoke: bool = False) -> dict:
     t0 = time.perf_counter()
     ppl = perplexity(model, ids, seqlen=seqlen, max_windows=protocol["eval_windows"], device="cpu")
     result.update(ppl=ppl.ppl, eval_tokens=ppl.tokens, eval_s=round(time.perf_counter() - t0, 1),
-                  peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+                  peak_rss_mb=round(peak_rss_mb(), 1))
     return result
 
 

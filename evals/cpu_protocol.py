@@ -90,11 +90,10 @@ def peer_figures() -> dict[str, dict]:
 
 def run_row(name: str) -> dict:
     """Prune (unless dense) and evaluate one row in this process; returns its result."""
-    import resource
-
     import torch
 
     import llmsparse
+    from llmsparse.pruner import peak_rss_mb
     from llmsparse.data import read_text
     from llmsparse.perplexity import perplexity, tokenize_text
     from llmsparse.progress import quiet_transformers
@@ -123,7 +122,7 @@ def run_row(name: str) -> dict:
     t0 = time.perf_counter()
     ppl = perplexity(model, ids, seqlen=PROTOCOL["seqlen"], max_windows=PROTOCOL["eval_windows"], device="cpu")
     result.update(ppl=ppl.ppl, eval_tokens=ppl.tokens, eval_s=round(time.perf_counter() - t0, 1),
-                  peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+                  peak_rss_mb=round(peak_rss_mb(), 1))
     return result
 
 

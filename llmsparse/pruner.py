@@ -7,6 +7,7 @@ import json
 import resource
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -25,9 +26,21 @@ from .progress import LayerProgress, say
 from .resume import LayerCheckpoint, tensor_digest
 
 
+def peak_rss_mb() -> float:
+    """This process's resident-set high-water mark in MB: VmHWM where Linux has it, since ``ru_maxrss`` survives
+    exec and would report a larger parent's peak; ``ru_maxrss`` elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def peak_memory() -> dict:
     """Peak resident memory of this process and, on CUDA, peak allocated device memory, in MB."""
-    out = {"rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    out = {"rss_mb": round(peak_rss_mb(), 1)}
     if torch.cuda.is_available():
         out["device_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
