@@ -37,14 +37,19 @@ class _HessianError:
 
     kind = "hessian"
 
-    def __init__(self, D: torch.Tensor, H: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, max_cycles: int):
+    def __init__(self, D: torch.Tensor, H: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, max_cycles: int,
+                 m: int = 0):
         self.H, self.cols = H, H.shape[1]
         self.hdiag = H.diagonal().contiguous()
+        if m:  # H's rows cut into groups of m columns (zero-padded), so one gather reads a whole N:M group
+            self.groups = -(-self.cols // m)
+            self.Hg = torch.nn.functional.pad(H, (0, self.groups * m - self.cols)).reshape(-1, m)
         self.G0 = (D @ H).reshape(-1)
         self.total = float((D.reshape(-1) * self.G0).sum())
         rows = D.shape[0]
         self.js = torch.zeros(rows, 2 * max_cycles, dtype=torch.long, device=D.device)
         self.coef = torch.zeros(rows, 2 * max_cycles, dtype=D.dtype, device=D.device)
+        self.used = torch.zeros(rows, dtype=torch.long, device=D.device)
         self.n = 0
 
     def static(self, flat: torch.Tensor, cols: torch.Tensor, D_flat: torch.Tensor) -> torch.Tensor:
@@ -57,13 +62,24 @@ class _HessianError:
         flat = self.js[:, : self.n].unsqueeze(2) * self.cols + cols.unsqueeze(1)
         return (self.coef[:, : self.n].unsqueeze(2) * torch.take(self.H, flat)).sum(1)
 
+    def moving_group(self, e: torch.Tensor, group: torch.Tensor, members: torch.Tensor, mu: torch.Tensor):
+        """``moving`` at every column of N:M group ``group`` [rows] (``members`` its columns [rows, m])."""
+        if not self.n:
+            return torch.zeros_like(mu)
+        at = self.js[:, : self.n] * self.groups + group.unsqueeze(1)
+        return torch.bmm(self.coef[:, : self.n].unsqueeze(1), self.Hg[at]).squeeze(1)
+
     def cross(self, j: torch.Tensor, k: torch.Tensor, mu_j: torch.Tensor, mu_k: torch.Tensor) -> torch.Tensor:
         return torch.take(self.H, j.unsqueeze(1) * self.cols + k)
 
-    def update(self, a, j, b, k) -> None:
-        self.js[:, self.n], self.coef[:, self.n] = j, a
-        self.js[:, self.n + 1], self.coef[:, self.n + 1] = k, b
-        self.n += 2
+    def update(self, a, j, b, k, accept) -> None:
+        """Record the swaps taken (``a``, ``b`` are 0 where not): each row packs its own swaps to the left, so a
+        query replays the most swaps any row took, not two per cycle (few rows swap in a given cycle)."""
+        rows = torch.arange(len(j), device=j.device)
+        self.js[rows, self.used], self.coef[rows, self.used] = j, a
+        self.js[rows, self.used + 1], self.coef[rows, self.used + 1] = k, b
+        self.used += 2 * accept.long()
+        self.n = int(self.used.max())
 
 
 class _MomentError:
@@ -85,10 +101,13 @@ class _MomentError:
     def moving(self, e, cols, mu):
         return e.unsqueeze(1) * mu
 
+    def moving_group(self, e, group, members, mu):
+        return e.unsqueeze(1) * mu
+
     def cross(self, j, k, mu_j, mu_k):
         return mu_j.unsqueeze(1) * mu_k
 
-    def update(self, a, j, b, k) -> None:
+    def update(self, a, j, b, k, accept) -> None:
         pass
 
 
@@ -172,7 +191,7 @@ def dsnot_refine(weight: torch.Tensor, solution: Solution, mean: torch.Tensor, v
     rows, cols = W0.shape
     mean, var = mean.to(W0), var.to(W0)
     if second_moment is not None:
-        model = _HessianError(D, second_moment.to(W0), mean, var, max_cycles)
+        model = _HessianError(D, second_moment.to(W0), mean, var, max_cycles, pattern.m if pattern.is_nm else 0)
     else:
         model = _MomentError(D, mean, var)
     e = D @ mean
@@ -238,17 +257,21 @@ def _swap_cycles(W0, D, keep, e, mean, var, model, pattern, max_cycles, threshol
         side = (e > 0).long()
         slot, has_j, j, a, mu_j, h_j, g_j = grow.next(side, ar)
         if pattern.is_nm:
-            members = (j - j % pattern.m).unsqueeze(1) + offsets
+            group = torch.div(j, pattern.m, rounding_mode="floor")
+            members = (group * pattern.m).unsqueeze(1) + offsets
             k_all = members.clamp_max(cols - 1)
             flat_k = ar.unsqueeze(1) * cols + k_all
             valid = (members < cols) & keep_flat[flat_k] & ~regrown[flat_k]
             b_all, mu_k, h_k = kept_flat[flat_k], mean[k_all], model.hdiag[k_all]
-            g_k = model.static(flat_k, k_all, D_flat)
+            # j is a member of its own group: one gather gives the moving gradient at j and at every k
+            moving = model.moving_group(e, group, k_all, mu_k)
+            g_j = g_j + moving.gather(1, (j - group * pattern.m).unsqueeze(1)).squeeze(1)
+            g_k = model.static(flat_k, k_all, D_flat) + moving
         else:
             cut_slot, has_k, k, b, mu_k, h_k, g_k = cut.next(side, ar)
-            k_all, valid, b_all, mu_k, h_k, g_k = (x.unsqueeze(1) for x in (k, has_k, b, mu_k, h_k, g_k))
-        g_j = g_j + model.moving(e, j.unsqueeze(1), mu_j.unsqueeze(1)).squeeze(1)
-        g_k = g_k + model.moving(e, k_all, mu_k)
+            moving = model.moving(e, torch.stack([j, k], 1), torch.stack([mu_j, mu_k], 1))
+            g_j = g_j + moving[:, 0]
+            k_all, valid, b_all, mu_k, h_k, g_k = (x.unsqueeze(1) for x in (k, has_k, b, mu_k, h_k, g_k + moving[:, 1]))
         delta = (a * (2 * g_j + a * h_j)).unsqueeze(1) \
             + b_all * (2 * g_k + b_all * h_k + 2 * a.unsqueeze(1) * model.cross(j, k_all, mu_j, mu_k))
         best, pick = torch.where(valid, delta, inf).min(dim=1)
@@ -269,7 +292,7 @@ def _swap_cycles(W0, D, keep, e, mean, var, model, pattern, max_cycles, threshol
         a = a * accept
         gain += torch.where(accept, best, torch.zeros_like(best)).sum()
         e += a * mu_j + b * mu_k.gather(1, pick.unsqueeze(1)).squeeze(1)
-        model.update(a, j, b, k)
+        model.update(a, j, b, k, accept)
         grown[:, c], cuts[:, c], accepted[:, c] = j, k, accept
     return grown, cuts, accepted, float(gain), cycles
 
