@@ -47,7 +47,13 @@ def run_grid(script: str, grid: dict, rows: str | None, results: Path, assets, r
         print(f"unknown rows {unknown}; see --list", file=sys.stderr)
         return 2
     results.parent.mkdir(parents=True, exist_ok=True)
-    command = f"python evals/{Path(script).name}" + (f" --rows {rows}" if rows else "")
+
+    def command(done: dict) -> str:
+        """The command that rebuilds the rows in ``done`` from an empty results file."""
+        measured = [name for name in grid if name in done]
+        return f"python evals/{Path(script).name}" + ("" if len(measured) == len(grid) else
+                                                        f" --rows {','.join(measured)}")
+
     for name in names:
         if name in load_results(results) and not redo:
             continue
@@ -60,8 +66,8 @@ def run_grid(script: str, grid: dict, rows: str | None, results: Path, assets, r
         with results.open("a") as f:
             f.write(json.dumps(result) + "\n")
         print(f"    {summary(result)}", flush=True)
-        write(load_results(results), command)
+        write(load_results(results), command(load_results(results)))
     done = load_results(results)
     print(table(done))
-    write(done, command)
+    write(done, command(done))
     return 0
