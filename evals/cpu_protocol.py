@@ -67,12 +67,13 @@ def _grid() -> dict[str, dict]:
     rows["sparsegpt_dsnot_refit_2of4"] = {"method": "sparsegpt", "pattern": "2:4", "refine": "dsnot,refit"}
     # Float-noise probe: the same settings with one torch thread, so only the order of float reductions changes.
     rows["sparsegpt_70_1thread"] = {**rows["sparsegpt_70"], "threads": 1}
+    rows["wanda_70_1thread"] = {**rows["wanda_70"], "threads": 1}
     return rows
 
 
 GRID = _grid()
 # our rows whose peer figure in PEERS.md has another name
-PEER_NAMES = {"sparsegpt_70_1thread": "sparsegpt_70", "wanda_dsnot_60": "dsnot_wanda_60",
+PEER_NAMES = {"sparsegpt_70_1thread": "sparsegpt_70", "wanda_70_1thread": "wanda_70", "wanda_dsnot_60": "dsnot_wanda_60",
               "wanda_dsnot_70": "dsnot_wanda_70", "wanda_owl_70": "owl_wanda_70"}
 
 
