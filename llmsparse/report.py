@@ -221,7 +221,9 @@ def _model_legend(ax, run: dict, models) -> None:
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color="0.35", marker=_marker(run, m), linestyle="", label=m["label"]) for m in models]
-    ax.add_artist(ax.legend(handles=handles, fontsize=7, loc="lower left", title="model", title_fontsize=7))
+    # outside the axes, on the right: inside, a legend can hide a point
+    ax.add_artist(ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), title="model",
+                            title_fontsize=7))
 
 
 def plot_accuracy(run: dict, path: Path) -> None:
@@ -244,7 +246,8 @@ def plot_accuracy(run: dict, path: Path) -> None:
     ax.set_title("Accuracy against sparsity")
     ax.grid(alpha=0.3)
     _model_legend(ax, run, run["models"])
-    ax.legend(handles=task_handles, fontsize=7, loc="upper right", title="task", title_fontsize=7)
+    ax.legend(handles=task_handles, fontsize=7, loc="lower left", bbox_to_anchor=(1.01, 0), title="task",
+              title_fontsize=7)
     _save(fig, path)
 
 
@@ -280,7 +283,7 @@ def plot_layers(run: dict, path: Path) -> None:
     ax.set_ylabel("sparsity (%)")
     ax.set_title("Per-layer sparsity")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     _save(fig, path)
 
 
@@ -294,8 +297,10 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from matplotlib.legend import Legend
+
+    # legends sit outside the axes; "tight" must count every one of them (an added artist is not counted by default)
+    fig.savefig(path, dpi=120, bbox_inches="tight", bbox_extra_artists=fig.findobj(Legend))
     _pyplot().close(fig)
 
 
