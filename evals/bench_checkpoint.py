@@ -169,7 +169,8 @@ def write_benchmarks(results: list[dict]) -> None:
     section = "\n".join([
         "## Compact checkpoints (issue 5): SmolLM2-135M-Instruct, size / load time / perplexity after reloading",
         "",
-        f"Commands: {', '.join(f'`{c}`' for c in commands)} (on this project's shared 2-core CPU machine, no GPU; torch "
+        f"Commands: {', '.join(f'`{c}`' for c in commands)} (on this project's shared 2-core CPU machine, no GPU; "
+        "torch "
         f"threads {sorted({r['threads'] for r in results})}, dates {sorted({r['date'] for r in results})}). "
         f"Pruned with {sorted({r.get('method', 'sparsegpt') for r in results})} (scope layer) on 32×512 C4 windows, "
         f"seed 0, in float32; perplexity on the first {sorted({r['protocol']['eval_windows'] for r in results})} "

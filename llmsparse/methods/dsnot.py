@@ -68,8 +68,8 @@ class _HessianError:
         flat = self.js[:, : self.n].unsqueeze(2) * self.cols + cols.unsqueeze(1)
         return (self.coef[:, : self.n].unsqueeze(2) * torch.take(self.H, flat)).sum(1)
 
-    def moving_group(self, e: torch.Tensor, group: torch.Tensor, members: torch.Tensor, mu: torch.Tensor):
-        """``moving`` at every column of N:M group ``group`` [rows] (``members`` its columns [rows, m])."""
+    def moving_group(self, e: torch.Tensor, group: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+        """``moving`` at every column of N:M group ``group`` [rows] (``mu`` = E[x] there [rows, m], unused here)."""
         if not self.n:
             return torch.zeros_like(mu)
         at = self.js[:, : self.n] * self.groups + group.unsqueeze(1)
@@ -107,7 +107,7 @@ class _MomentError:
     def moving(self, e, cols, mu):
         return e.unsqueeze(1) * mu
 
-    def moving_group(self, e, group, members, mu):
+    def moving_group(self, e, group, mu):
         return e.unsqueeze(1) * mu
 
     def cross(self, j, k, mu_j, mu_k):
@@ -271,14 +271,15 @@ def _swap_cycles(W0, D, keep, e, mean, var, model, pattern, max_cycles, threshol
             valid = (members < cols) & _pick(keep_flat, flat_k) & ~_pick(regrown, flat_k)
             b_all, mu_k, h_k = _pick(kept_flat, flat_k), _pick(mean, k_all), _pick(model.hdiag, k_all)
             # j is a member of its own group: one gather gives the moving gradient at j and at every k
-            moving = model.moving_group(e, group, k_all, mu_k)
+            moving = model.moving_group(e, group, mu_k)
             g_j = g_j + moving.gather(1, (j - group * pattern.m).unsqueeze(1)).squeeze(1)
             g_k = model.static(flat_k, k_all, D_flat) + moving
         else:
             cut_slot, has_k, k, b, mu_k, h_k, g_k = cut.next(side, ar)
             moving = model.moving(e, torch.stack([j, k], 1), torch.stack([mu_j, mu_k], 1))
             g_j = g_j + moving[:, 0]
-            k_all, valid, b_all, mu_k, h_k, g_k = (x.unsqueeze(1) for x in (k, has_k, b, mu_k, h_k, g_k + moving[:, 1]))
+            g_k = g_k + moving[:, 1]
+            k_all, valid, b_all, mu_k, h_k, g_k = (x.unsqueeze(1) for x in (k, has_k, b, mu_k, h_k, g_k))
         delta = (a * (2 * g_j + a * h_j)).unsqueeze(1) \
             + b_all * (2 * g_k + b_all * h_k + 2 * a.unsqueeze(1) * model.cross(j, k_all, mu_j, mu_k))
         best, pick = torch.where(valid, delta, inf).min(dim=1)
