@@ -29,6 +29,7 @@ PROTOCOL = {"calib_nsamples": 32, "calib_seqlen": 512, "seed": 0, "eval_seqlen":
 SMOKE = {"calib_nsamples": 8, "calib_seqlen": 64, "seed": 0, "eval_seqlen": 64, "eval_windows": 4,
          "hit_rate_windows": 2}
 FINETUNE = {"finetune_steps": 100, "finetune_lr": 1e-4, "finetune_batch_size": 4}
+FINETUNE_DATA = {"calibration": "the calibration windows", "fresh": "fresh windows"}
 
 
 def _grid() -> dict[str, dict | None]:
@@ -42,7 +43,8 @@ def _grid() -> dict[str, dict | None]:
         rows[f"{name}_nocomp"] = {**rows[name], "compensate": False}
     rows["e16_75_8x2048"] = {**rows["e16_75"], "nsamples": 8, "seqlen": 2048}
     for name in ("e16_75", "e16_50"):
-        rows[f"{name}_ft"] = {**rows[name], **FINETUNE}
+        rows[f"{name}_ft"] = {**rows[name], **FINETUNE, "finetune_data": "calibration"}
+        rows[f"{name}_ft_fresh"] = {**rows[name], **FINETUNE, "finetune_data": "fresh"}
     return rows
 
 
@@ -111,7 +113,8 @@ def table(results: dict[str, dict]) -> str:
             lines.append(f"| {name} | dense | — | 100% | 100% | {r['ppl']:.2f} | 1.000 | — | 0 |")
             continue
         split = (f"{s['experts']} / {s['shared']} / {s['top_k']}" + ("" if s.get("compensate", True) else ", no comp.")
-                 + (f", + {s['finetune_steps']} fine-tune steps" if s.get("finetune_steps") else ""))
+                 + (f", + {s['finetune_steps']} fine-tune steps on {FINETUNE_DATA[s.get('finetune_data', 'calibration')]}"
+                    if s.get("finetune_steps") else ""))
         calib = f"{s.get('nsamples', r['protocol']['calib_nsamples'])}×{s.get('seqlen', r['protocol']['calib_seqlen'])}"
         lines.append(
             f"| {name} | {split} | {calib} | {r['active_fraction']:.1%} | {r['flops_fraction']:.1%} | {r['ppl']:.2f} | "
@@ -128,7 +131,9 @@ def write_benchmarks(results: dict[str, dict], command: str) -> None:
         "",
         "Training-free, except the `_ft` rows: experts and routers then train for "
         f"{FINETUNE['finetune_steps']} Trainer steps (lr {FINETUNE['finetune_lr']}, batch "
-        f"{FINETUNE['finetune_batch_size']} windows) on the calibration windows themselves. "
+        f"{FINETUNE['finetune_batch_size']} windows), on the 32 calibration windows themselves (`_ft`) or on "
+        f"{FINETUNE['finetune_steps'] * FINETUNE['finetune_batch_size']} fresh C4 windows drawn with seed 1, each "
+        "seen once (`_ft_fresh`, the default of `--finetune-steps`). "
         f"Measured on this project's 2-core CPU machine (no GPU), torch threads {threads}, dates "
         f"{sorted({r['date'] for r in results.values()})}. Command: `{command}`. Calibration: C4 windows drawn with "
         "seed 0 (32×512 unless the row says otherwise). FFN parameters active per token count the shared expert, "

@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .checkpoint import SAVE_FORMATS
     from .evaluate import DEFAULT_TASKS
     from .methods import DEFAULT_METHOD, METHODS, REFINERS
+    from .moe import FINETUNE_DATA
 
     parser = _Parser(prog="llmsparse", description="Post-training sparsification of Hugging Face LLMs.")
     parser.add_argument("--version", action="version", version=f"llmsparse {_version()}")
@@ -204,7 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compensation", action="store_true",
                    help="a skipped expert contributes nothing (default: its calibration mean, folded into biases)")
     p.add_argument("--finetune-steps", type=int, default=0,
-                   help="then train experts and routers this many Trainer steps on the calibration windows (default 0)")
+                   help="then train experts and routers this many Trainer steps (default 0: no fine-tuning)")
+    p.add_argument("--finetune-data", choices=FINETUNE_DATA, default="fresh",
+                   help="fresh (default): steps x 4 new windows of --calib, each seen once; calibration: the "
+                        "calibration windows again (they overfit when few)")
     p.add_argument("--finetune-lr", type=float, default=1e-4, help="fine-tuning peak learning rate (default 1e-4)")
     p.add_argument("--out", default=None, help="output folder (default: <model name>-moe<E>s<S>k<K>)")
     p.add_argument("--save-format", choices=SAVE_FORMATS, default="dense",
@@ -389,7 +393,7 @@ def cmd_moefy(args) -> int:
         calib=_given(args.calib, str(DEMO_TEXT) if demo else "c4"),
         nsamples=_given(args.nsamples, 32), seqlen=_given(args.seqlen, DEMO["seqlen"] if demo else 512),
         seed=args.seed, compensate=not args.no_compensation, finetune_steps=args.finetune_steps,
-        finetune_lr=args.finetune_lr,
+        finetune_lr=args.finetune_lr, finetune_data=args.finetune_data,
     )
     name = "stories260K" if demo else (Path(args.model.rstrip("/")).name.removesuffix(".gguf") or "model")
     out = args.out or f"{name}-moe{config.experts}s{config.shared}k{config.top_k}"

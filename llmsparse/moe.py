@@ -14,8 +14,9 @@ layers already factorised):
 5. compensation (optional): an expert a token skips contributes its calibration mean when skipped instead of nothing.
    It is folded into the weights (expert output bias ``-c_e``, FFN offset ``Σ c_e``), so with every expert active the
    FFN is still exactly the dense one.
-6. fine-tuning (optional, ``finetune_steps``): a few Trainer updates of the experts and routers on the calibration
-   windows (``llmsparse.moe_finetune``).
+6. fine-tuning (optional, ``finetune_steps``): a few Trainer updates of the experts and routers
+   (``llmsparse.moe_finetune``), by default on fresh windows of the calibration source that each step sees once:
+   repeating the few calibration windows overfits them (docs/moefy.md).
 
 The module itself is ``llmsparse.moe_modeling.MoeFFN``; ``llmsparse.moe_export`` saves a model transformers loads.
 """
@@ -29,12 +30,15 @@ import torch
 from torch import nn
 
 from .config import from_known_fields
-from .data import run_calibration
+from .data import calibration_windows, load_documents, run_calibration
 from .engine import LayerRun, walk_layers
 from .errors import LlmsparseError
 from .models import find_decoder_layers
 from .moe_modeling import MoeFFN
 from .progress import LayerProgress, say
+
+
+FINETUNE_DATA = ("fresh", "calibration")
 
 
 @dataclass
@@ -55,6 +59,7 @@ class MoefyConfig:
     finetune_steps: int = 0
     finetune_lr: float = 1e-4
     finetune_batch_size: int = 4
+    finetune_data: str = "fresh"
 
     def __post_init__(self):
         for name in ("experts", "nsamples", "seqlen", "calib_batch_size", "kmeans_iters", "finetune_batch_size"):
@@ -64,6 +69,8 @@ class MoefyConfig:
         steps = self.finetune_steps
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
             raise LlmsparseError(f"--finetune-steps must be a non-negative integer (0: no fine-tuning), got {steps!r}")
+        if self.finetune_data not in FINETUNE_DATA:
+            raise LlmsparseError(f"--finetune-data must be one of {', '.join(FINETUNE_DATA)}, got {self.finetune_data!r}")
         if not self.finetune_lr > 0:
             raise LlmsparseError(f"--finetune-lr must be positive, got {self.finetune_lr!r}")
         if self.experts < 2:
@@ -390,7 +397,8 @@ class MoefyReport:
             f"{self.times.get('moefy_s', 0):.1f} s, seed {c.seed}")
         if self.finetune is not None:
             f = self.finetune
-            lines.append(f"fine-tuned experts and routers {f['steps']} steps ({f['seconds']:.0f} s): training loss "
+            lines.append(f"fine-tuned experts and routers {f['steps']} steps on {f['windows']} {f['data']} windows "
+                         f"({f['seconds']:.0f} s): training loss "
                          f"{f['loss_first']:.4f} → {f['loss_last']:.4f}; router hit rate {f['router_hit_rate']:.3f} "
                          f"on the calibration windows afterwards")
         return "\n".join(lines)
@@ -428,6 +436,19 @@ def routing_hit_rate(model: nn.Module, token_batches) -> list[float]:
 # The whole model
 
 
+def finetune_windows(tokenizer, config: MoefyConfig, calibration: torch.Tensor) -> torch.Tensor:
+    """The token windows moefy's fine-tuning trains on: ``finetune_steps × finetune_batch_size`` fresh windows of
+    ``config.calib`` drawn with seed + 1 (a different draw from the calibration one), or the calibration windows
+    themselves with ``finetune_data="calibration"``."""
+    if config.finetune_data == "calibration":
+        return calibration
+    if tokenizer is None:
+        raise LlmsparseError("fine-tuning on fresh windows needs a tokenizer: pass one, or finetune_data='calibration' "
+                             "to train on the calibration windows")
+    return calibration_windows(tokenizer, load_documents(config.calib),
+                               config.finetune_steps * config.finetune_batch_size, calibration.shape[1], config.seed + 1)
+
+
 def moefy(model: nn.Module, tokenizer=None, config: MoefyConfig | None = None, *,
           calibration: torch.Tensor | None = None, device=None, cache_device=None, progress: bool = True,
           **settings) -> MoefyReport:
@@ -452,6 +473,7 @@ def moefy(model: nn.Module, tokenizer=None, config: MoefyConfig | None = None, *
 
     started = time.perf_counter()
     calibration = run_calibration(model, tokenizer, config, calibration, "moefy")
+    tuning = finetune_windows(tokenizer, config, calibration) if config.finetune_steps else None
     report = MoefyReport(config=config, device=device)
     report.times["calibration_data_s"] = round(time.perf_counter() - started, 3)
     bar = LayerProgress(f"moefy E{config.experts} S{config.shared} k{config.top_k}", enabled=progress)
@@ -492,9 +514,10 @@ def moefy(model: nn.Module, tokenizer=None, config: MoefyConfig | None = None, *
         from .moe_finetune import finetune_moe
 
         t0 = time.perf_counter()
-        report.finetune = finetune_moe(model, calibration, steps=config.finetune_steps, lr=config.finetune_lr,
+        report.finetune = finetune_moe(model, tuning, steps=config.finetune_steps, lr=config.finetune_lr,
                                        batch_size=config.finetune_batch_size, seed=config.seed, device=device,
-                                       progress=progress)
+                                       progress=progress, hit_rate_windows=calibration)
+        report.finetune.update(data=config.finetune_data, windows=len(tuning))
         report.times["finetune_s"] = round(time.perf_counter() - t0, 3)
     say(report.summary(), progress)
     return report

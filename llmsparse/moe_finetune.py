@@ -2,7 +2,7 @@
 
 Only the parameters of the ``MoeFFN`` modules train (shared and routed experts, compensation biases, routers);
 attention, norms and embeddings stay frozen. The training itself is ``llmsparse.finetuning.finetune`` (the stock
-``transformers.Trainer`` with ``SparsityCallback``) on the calibration windows, so experts of a pruned model keep
+``transformers.Trainer`` with ``SparsityCallback``) on the windows it is given, so experts of a pruned model keep
 their zeros. The routers learn through the unit gates ``exp(s - sg(s))`` that ``MoeFFN`` uses while training.
 """
 
@@ -26,9 +26,9 @@ def _kept_zero_modules(model: nn.Module) -> dict:
 
 
 def finetune_moe(model: nn.Module, windows: torch.Tensor, *, steps: int, lr: float, batch_size: int, seed: int,
-                 device: str | None, progress: bool) -> dict:
+                 device: str | None, progress: bool, hit_rate_windows: torch.Tensor | None = None) -> dict:
     """Train the MoE FFNs of ``model`` in place for ``steps`` updates on ``windows`` [n, seqlen]; the report dict
-    (losses, seconds, settings, the router hit rate on ``windows`` afterwards)."""
+    (losses, seconds, settings, the router hit rate afterwards on ``hit_rate_windows``, default ``windows``)."""
     from .finetuning import finetune
     from .moe import routing_hit_rate
 
@@ -43,7 +43,7 @@ def finetune_moe(model: nn.Module, windows: torch.Tensor, *, steps: int, lr: flo
     finally:
         for param, flag in frozen.items():
             param.requires_grad_(flag)
-    hit_rates = routing_hit_rate(model, windows.split(batch_size))
+    hit_rates = routing_hit_rate(model, (windows if hit_rate_windows is None else hit_rate_windows).split(batch_size))
     out = report.to_json()
     out.update(trained_params=sum(p.numel() for p in model.parameters() if id(p) in moe),
                router_hit_rate=sum(hit_rates) / max(len(hit_rates), 1))

@@ -420,6 +420,26 @@ def test_stories260k_finetune_lowers_the_loss_and_reloads(tmp_path):
     assert torch.equal(llmsparse.load(tmp_path / "moe")(ids).logits, expected)
 
 
+def test_finetune_windows_are_a_fresh_draw_unless_asked_for_the_calibration_ones():
+    from llmsparse.data import calibration_windows, load_documents
+    from llmsparse.models import DEMO_TEXT, load_model
+    from llmsparse.moe import MoefyConfig, finetune_windows
+
+    _, tok = load_model(str(need(STORIES)))
+    config = MoefyConfig(calib=str(DEMO_TEXT), nsamples=6, seqlen=48, finetune_steps=5, finetune_batch_size=3)
+    calibration = calibration_windows(tok, load_documents(config.calib), 6, 48, seed=0)
+    fresh = finetune_windows(tok, config, calibration)
+    assert fresh.shape == (15, 48)
+    assert not any(torch.equal(f, c) for f in fresh for c in calibration)
+    assert torch.equal(finetune_windows(tok, config, calibration), fresh)  # seeded
+    reuse = MoefyConfig(**{**config.to_json(), "finetune_data": "calibration"})
+    assert finetune_windows(tok, reuse, calibration) is calibration
+    with pytest.raises(LlmsparseError, match="needs a tokenizer"):
+        finetune_windows(None, config, calibration)
+    with pytest.raises(LlmsparseError, match="--finetune-data must be one of fresh, calibration"):
+        MoefyConfig(finetune_data="c4")
+
+
 # --- the command line ---------------------------------------------------------------------------------------------
 
 FAST = ["--experts", "8", "--shared", "2", "--top-k", "3", "--nsamples", "4", "--seqlen", "32"]
@@ -438,6 +458,7 @@ def test_cli_demo_writes_report_and_prints_it(tmp_path, capsys):
     assert totals["ffn_params_active_per_token"] < totals["ffn_params_dense_per_token"]
     assert totals["ffn_flops_active_per_token"] < totals["ffn_flops_dense_per_token"]
     assert 0 <= totals["router_hit_rate"] <= 1 and body["finetune"]["steps"] == 2
+    assert body["finetune"]["data"] == "fresh" and body["finetune"]["windows"] == 2 * 4
     model = llmsparse.load(out)
     assert len(moe_layers(model)) == 5
     quiet = tmp_path / "quiet"
