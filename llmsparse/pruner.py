@@ -23,6 +23,7 @@ from .masks import sparsity_of
 from .methods import get_method, get_refiners
 from .models import find_decoder_layers, find_targets, set_weight_matrix, weight_matrix
 from .progress import LayerProgress, say
+from .refinements import Job, Refinements, side_by_side_workers
 from .resume import LayerCheckpoint, tensor_digest
 
 
@@ -194,45 +195,6 @@ def _layer_progress(desc: str, enabled: bool, device: str):
         bar.close()
 
 
-class _Refinements:
-    """Runs the refiners in order on each module's solution and sums, per refiner, what they did."""
-
-    def __init__(self, refiners: list):
-        self.refiners = refiners
-        self.totals = {r.name: {"modules": 0, "swaps": 0, "error_before": 0.0, "error_after": 0.0, "seconds": 0.0}
-                       for r in refiners}
-
-    @property
-    def needs(self) -> frozenset:
-        return frozenset().union(*(r.needs for r in self.refiners))
-
-    @property
-    def seconds(self) -> float:
-        return sum(t["seconds"] for t in self.totals.values())
-
-    def refine(self, weight, solution, stats, pattern):
-        """The refined solution and, per refiner that acted, its record for this module."""
-        records = {}
-        for refiner in self.refiners:
-            t0 = time.perf_counter()
-            solution, info = refiner.refine(weight, solution, stats, pattern)
-            total = self.totals[refiner.name]
-            total["seconds"] += time.perf_counter() - t0
-            if info is not None:
-                total["modules"] += 1
-                total["swaps"] += info.swaps
-                total["error_before"] += info.error_before
-                total["error_after"] += info.error_after
-                records[refiner.name] = info.to_json()
-        return solution, records
-
-    def to_json(self) -> dict | None:
-        if not self.refiners:
-            return None
-        return {r.name: {**r.options(), **self.totals[r.name], "seconds": round(self.totals[r.name]["seconds"], 3)}
-                for r in self.refiners}
-
-
 def _layer_plan(config: PruneConfig, model: nn.Module, batches, resumed: dict, *, progress: bool, device,
                 cache_device, offload_activations: bool) -> LayerPlan:
     """The per-layer sparsity plan: the one a resumed run saved, or a new one (OWL runs its scoring pass here)."""
@@ -268,11 +230,12 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | None = None, *
     started = time.perf_counter()
     calibration = run_calibration(model, tokenizer, config, calibration, "prune")
     report = PruneReport(config=config, device=device, method_options=method.options())
-    refinements = _Refinements(get_refiners(
+    refinements = Refinements(get_refiners(
         config.refine, max_cycles=config.refine_max_cycles, threshold=config.refine_threshold,
         var_power=config.refine_var_power, window=calibration.shape[1], iters=config.refine_iters,
         percdamp=config.percdamp))
     needs = method.needs | refinements.needs
+    workers = side_by_side_workers(device, refinements.refiners)
     report.times["calibration_data_s"] = round(time.perf_counter() - started, 3)
     batches = calibration.split(config.calib_batch_size)
     checkpoint = None
@@ -287,20 +250,24 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | None = None, *
                        device=device, cache_device=cache_device, offload_activations=offload_activations)
     report.allocation = plan.to_json()
 
-    def prune_module(name: str, module: nn.Module, stats, index: int) -> int:
-        """Solve, refine and write one module; record it; return its count of zeros."""
+    def solve_module(name: str, module: nn.Module, stats, index: int) -> Job:
+        """Solve one module (the refiners keep its count of zeros, so the plan can count them now)."""
         weight = weight_matrix(module).detach().float()
         module_pattern = plan.pattern(index, weight.numel())
         solution = method.solve(weight, stats, module_pattern)
-        solution, refinement = refinements.refine(weight, solution, stats, module_pattern)
         plan.spent(int((~solution.keep).sum()))
+        return Job(name, module, weight, solution, stats, module_pattern)
+
+    def write_module(job: Job) -> int:
+        """Write a refined solution into its module; record it; return its count of zeros."""
+        solution, weight = job.solution, job.weight
         new = solution.weight if solution.weight is not None else weight
-        set_weight_matrix(module, new * solution.keep)
-        z = int((weight_matrix(module) == 0).sum())
-        report.modules[name] = {
+        set_weight_matrix(job.module, new * solution.keep)
+        z = int((weight_matrix(job.module) == 0).sum())
+        report.modules[job.name] = {
             "shape": list(weight.shape), "params": weight.numel(), "zeros": z, "sparsity": z / weight.numel(),
-            "pattern": str(pattern), "target_sparsity": module_pattern.sparsity,
-            **({"refinement": refinement} if refinement else {}),
+            "pattern": str(pattern), "target_sparsity": job.pattern.sparsity,
+            **({"refinement": job.records} if job.records else {}),
         }
         return z
 
@@ -311,9 +278,10 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | None = None, *
         zeros = params = 0
         if targets.modules:
             stats = run.collect(targets.modules, needs, all_expert_tokens=config.expert_calibration == "all")
-            for name, module in targets.modules.items():
-                zeros += prune_module(name, module, stats[name], run.index)
-                params += weight_matrix(module).numel()
+            solved = (solve_module(name, module, stats[name], run.index) for name, module in targets.modules.items())
+            for job in refinements.refine_all(solved, workers):
+                zeros += write_module(job)
+                params += job.weight.numel()
             run.modified = True
         report.layers.append({"index": run.index, "name": run.name, "modules": len(targets.modules),
                               "target_sparsity": plan.target(run.index), "sparsity": zeros / max(params, 1),

@@ -162,3 +162,28 @@ def test_real_activations_error_drops_and_counts_stay(real_layers, method, patte
     assert swaps > 0
     assert all(a < b for b, a in per_layer.values()), per_layer
     assert lowered >= 0.9 * len(real_layers)
+
+
+@pytest.mark.parametrize("settings", [{"sparsity": 0.7, "allocation": "owl", "refine": "dsnot,refit"},
+                                      {"pattern": "2:4", "method": "wanda", "refine": "dsnot"}])
+def test_side_by_side_refinement_gives_what_one_module_at_a_time_gives(monkeypatch, settings):
+    """On CPU the pruner refines a layer's modules side by side in threads (DSnoT is single-threaded): every
+    weight, every module's record and the totals must equal those of refining the modules one after another."""
+    import llmsparse.pruner as pruner
+    from llmsparse.models import load_model
+
+    runs = []
+    for workers in (1, 3):
+        monkeypatch.setattr(pruner, "side_by_side_workers", lambda device, refiners, w=workers: w)
+        model, tokenizer = load_model(str(need(STORIES)))
+        threads = torch.get_num_threads()
+        report = pruner.prune(model, tokenizer, calib=str(need(TEXT / "tinystories_sample.txt")), nsamples=4,
+                              seqlen=64, device="cpu", progress=False, **settings)
+        assert torch.get_num_threads() == threads
+        records = {name: m.get("refinement") for name, m in report.modules.items()}
+        totals = {k: {f: v for f, v in t.items() if f != "seconds"} for k, t in report.refinement.items()}
+        runs.append(({k: v.clone() for k, v in model.state_dict().items()}, records, totals, report.sparsity))
+    (weights_a, records_a, totals_a, sparsity_a), (weights_b, records_b, totals_b, sparsity_b) = runs
+    assert totals_a["dsnot"]["swaps"] > 0
+    assert records_a == records_b and totals_a == totals_b and sparsity_a == sparsity_b
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)

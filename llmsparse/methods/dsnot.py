@@ -171,7 +171,8 @@ class _Candidates:
 
 @contextlib.contextmanager
 def _one_thread(device: torch.device):
-    """The swap cycles are many tiny tensor ops: on CPU, thread hand-offs cost more than they save."""
+    """The swap cycles are many tiny tensor ops: on CPU, thread hand-offs cost more than they save (and the
+    other cores can refine other modules meanwhile)."""
     if device.type != "cpu":
         yield
         return
@@ -191,6 +192,13 @@ def dsnot_refine(weight: torch.Tensor, solution: Solution, mean: torch.Tensor, v
     ``mean``/``var`` are the per-input-channel mean and variance of the calibration inputs, ``second_moment``
     their E[xxᵀ] when available. Returns the refined solution (with its weights) and what changed.
     """
+    with _one_thread(weight.device):
+        return _refine(weight, solution, mean, var, pattern, second_moment, max_cycles, threshold, var_power)
+
+
+def _refine(weight, solution, mean, var, pattern, second_moment, max_cycles, threshold, var_power):
+    """``dsnot_refine`` on one torch thread: the same float results whether modules run one after another or
+    side by side (``llmsparse.refinements``)."""
     W0 = weight.detach().float()
     keep = solution.keep.clone()
     Wc = (solution.weight.float() if solution.weight is not None else W0) * keep
@@ -202,9 +210,8 @@ def dsnot_refine(weight: torch.Tensor, solution: Solution, mean: torch.Tensor, v
     else:
         model = _MomentError(D, mean, var)
     e = D @ mean
-    with _one_thread(W0.device):
-        grown, cut, accepted, gain, cycles = _swap_cycles(W0, D, keep, e, mean, var, model, pattern, max_cycles,
-                                                          threshold, var_power)
+    grown, cut, accepted, gain, cycles = _swap_cycles(W0, D, keep, e, mean, var, model, pattern, max_cycles,
+                                                      threshold, var_power)
     r = torch.arange(rows, device=W0.device).unsqueeze(1).expand_as(grown)[accepted]
     grown, cut = grown[accepted], cut[accepted]
     keep[r, grown], keep[r, cut] = True, False
@@ -315,6 +322,7 @@ class DSnoT:
 
     name = "dsnot"
     needs = frozenset({"moments"})
+    single_threaded = True  # see _one_thread: on CPU the pruner refines a layer's modules side by side
 
     def __init__(self, max_cycles: int = 50, threshold: float = 0.1, var_power: float = 1.0, window: int = 1):
         self.max_cycles = max_cycles
