@@ -174,3 +174,26 @@ def test_bad_arguments_give_one_line_errors():
         F.compress(torch.randn(4, 8, 2))
     with pytest.raises(LlmsparseError, match="mask shape"):
         F.compress(torch.randn(4, 8), torch.ones(4, 4, dtype=torch.bool))
+
+
+def test_repository_root_on_sys_path_does_not_shadow_the_hugging_face_kernels_package():
+    """``python -m pytest`` puts the repository root on sys.path, where our ``kernels/`` folder lives; transformers
+    imports the Hugging Face ``kernels`` package by that name. The top-level name must give that package (when
+    installed) and never our formats, while ``llmsparse.kernels`` stays ours."""
+    import importlib.metadata
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys; sys.path.insert(0, ''); import kernels, llmsparse.kernels; "
+            "print(getattr(kernels, '__file__', None)); print(hasattr(kernels, 'compress')); "
+            "print(llmsparse.kernels.compress.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    location, has_ours, module = out.stdout.split()
+    assert has_ours == "False" and module == "llmsparse.kernels.formats"
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return  # nothing to shadow: the top-level name is an empty module
+    assert location != str(root / "kernels" / "__init__.py"), location
