@@ -66,7 +66,9 @@ def _grid() -> dict[str, dict]:
                                                        "refine": "dsnot,refit"}
     rows["sparsegpt_dsnot_refit_2of4"] = {"method": "sparsegpt", "pattern": "2:4", "refine": "dsnot,refit"}
     # ablation: the same recipes without DSnoT, to see what DSnoT adds before the refit
-    rows["sparsegpt_owl_refit_70"] = {"method": "sparsegpt", "sparsity": 0.7, "allocation": "owl", "refine": "refit"}
+    for target in ("60", "70", "80"):
+        rows[f"sparsegpt_owl_refit_{target}"] = {"method": "sparsegpt", **targets[target], "allocation": "owl",
+                                                 "refine": "refit"}
     rows["sparsegpt_refit_2of4"] = {"method": "sparsegpt", "pattern": "2:4", "refine": "refit"}
     # Float-noise probe: the same settings with one torch thread, so only the order of float reductions changes.
     rows["sparsegpt_70_1thread"] = {**rows["sparsegpt_70"], "threads": 1}

@@ -20,7 +20,7 @@ SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
 
 
 def test_recipes_are_shipped():
-    assert {p.name for p in SHIPPED} >= {"wanda-2of4.yaml", "sparsegpt-50.yaml", "owl-dsnot-70.yaml", "moefy-50.yaml"}
+    assert {p.name for p in SHIPPED} >= {"wanda-2of4.yaml", "sparsegpt-50.yaml", "owl-dsnot-70.yaml", "owl-refit-70.yaml", "moefy-50.yaml"}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
