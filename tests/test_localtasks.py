@@ -77,7 +77,7 @@ def test_data_dir_resolution(tmp_path, monkeypatch):
         find_data_dir(tmp_path / "missing")
     monkeypatch.setenv("LLMSPARSE_BENCH_DIR", str(tmp_path))
     assert find_data_dir() == tmp_path
-    assert find_data_dir(BENCH) == BENCH
+    assert find_data_dir(need(BENCH)) == BENCH
 
 
 def test_missing_data_file_is_named(tmp_path):

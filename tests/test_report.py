@@ -126,9 +126,10 @@ def test_cli_eval_writes_a_report_that_parses(tmp_path, pruned_stories, monkeypa
 def test_cli_eval_refuses_bad_input_without_output(tmp_path, capsys):
     from llmsparse.cli import main
 
+    need(ASSETS / "bench")  # the tasks are planned from local data before any model is opened
     out = tmp_path / "report"
     assert main(["eval", str(tmp_path / "nope"), "--tasks", "arc_easy", "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert main(["eval", str(STORIES), "--tasks", "arc_easy", "--limit", "0", "--out", str(out)]) == 2
+    assert main(["eval", str(need(STORIES)), "--tasks", "arc_easy", "--limit", "0", "--out", str(out)]) == 2
     assert "limit must be an integer ≥ 1" in capsys.readouterr().err
     assert not out.exists()
