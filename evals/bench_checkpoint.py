@@ -64,13 +64,13 @@ def run_target(target: str, args, work: Path) -> dict:
     import torch
 
     import llmsparse
-    from llmsparse.data import read_text
-    from llmsparse.perplexity import perplexity, tokenize_text
-    from llmsparse.progress import quiet_transformers, say
+    from llmsparse.core.progress import quiet_transformers, say
+    from llmsparse.data.text import read_text, tokenize_text
+    from llmsparse.evaluation.perplexity import perplexity
 
     quiet_transformers()
     settings = {"pattern": target} if ":" in target else {"sparsity": float(target)}
-    model, tokenizer = llmsparse.load_model(args.model)
+    model, tokenizer = llmsparse.load(args.model), llmsparse.load_tokenizer(args.model)
     report = llmsparse.prune(model, tokenizer, method=args.method, scope="layer", calib=args.calib,
                              nsamples=args.nsamples, seqlen=args.seqlen, seed=0, device="cpu", progress=False,
                              **settings)
@@ -92,7 +92,7 @@ def run_target(target: str, args, work: Path) -> dict:
     folders = {}
     for fmt in ("dense", "compact"):
         folders[fmt], result[f"save_{fmt}_s"] = timed(
-            lambda fmt=fmt: llmsparse.save_pruned(model, tokenizer, work / f"{fmt}-{target}", save_format=fmt))
+            lambda fmt=fmt: llmsparse.save(model, work / f"{fmt}-{target}", tokenizer, format=fmt))
         result[f"{fmt}_bytes"] = folder_bytes(folders[fmt])
     totals = llmsparse.inspect_folder(folders["compact"]).totals()
     result["inspect"] = {k: totals[k] for k in ("pruned_modules", "pruned_bytes", "pruned_dense_bytes",
@@ -123,7 +123,7 @@ def run_target(target: str, args, work: Path) -> dict:
         result["decode_device"] = args.device
     half = model.to(torch.bfloat16)  # in place: the float32 pruned model is not used after this
     for fmt in ("dense", "compact"):
-        folder = llmsparse.save_pruned(half, None, work / f"bf16-{fmt}-{target}", save_format=fmt)
+        folder = llmsparse.save(half, work / f"bf16-{fmt}-{target}", format=fmt)
         result[f"bf16_{fmt}_bytes"] = folder_bytes(folder)
         if fmt == "compact":
             t = llmsparse.inspect_folder(folder).totals()
@@ -162,7 +162,7 @@ def latest_results() -> list[dict]:
 
 def write_benchmarks(results: list[dict]) -> None:
     """Replace this benchmark's section of BENCHMARKS.md (between its markers) with every target measured."""
-    from llmsparse.outputs import write_section
+    from llmsparse.core.outputs import write_section
 
     diffs = {r["target"]: r["max_abs_logit_diff"] for r in results}
     commands = sorted({r.get("command", "python evals/bench_checkpoint.py") for r in results})

@@ -56,7 +56,7 @@ def log(message: str) -> None:
 
 def training_documents(tokenizer, documents, windows) -> list[str]:
     """The documents none of the calibration windows came from (matched by each window's first 16 tokens)."""
-    from llmsparse.perplexity import tokenize_text
+    from llmsparse.data.text import tokenize_text
 
     heads = {tuple(w[:16].tolist()) for w in windows}
     kept = []
@@ -69,8 +69,8 @@ def training_documents(tokenizer, documents, windows) -> list[str]:
 
 
 def wikitext_ppl(model, tokenizer, windows: int) -> dict:
-    from llmsparse.data import read_text
-    from llmsparse.perplexity import perplexity, tokenize_text
+    from llmsparse.data.text import read_text, tokenize_text
+    from llmsparse.evaluation.perplexity import perplexity
 
     ids = tokenize_text(tokenizer, read_text(WIKITEXT))
     return perplexity(model, ids, seqlen=PROTOCOL["seqlen"], max_windows=windows, device="cpu").to_json()
@@ -82,11 +82,11 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    import llmsparse
     from llmsparse import finetune, prune
-    from llmsparse.checkpoint import save_pruned
-    from llmsparse.data import calibration_windows, load_documents
-    from llmsparse.models import load_model
-    from llmsparse.training import read_manifest, sparse_targets
+    from llmsparse.core.folders import read_manifest
+    from llmsparse.data.calibration import calibration_windows, load_documents
+    from llmsparse.training.masks import sparse_targets
 
     results_path = Path(args.results)
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"{results_path} holds a run with other settings: move it away or pass --results")
     results["settings"] = settings
 
-    def save():
+    def record():
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=2) + "\n")
 
@@ -104,21 +104,21 @@ def main(argv=None) -> int:
     documents = load_documents(str(C4))
     if not (pruned_dir / "llmsparse.json").exists():
         log(f"pruning {name} with {args.method} to {args.sparsity:g} on {args.nsamples} × 512 C4 windows (seed 0)")
-        model, tokenizer = load_model(args.model)
+        model, tokenizer = llmsparse.load(args.model), llmsparse.load_tokenizer(args.model)
         report = prune(model, tokenizer, method=args.method, sparsity=args.sparsity, calib=str(C4),
                        nsamples=args.nsamples, seqlen=PROTOCOL["seqlen"], seed=PROTOCOL["seed"],
                        scope=SCOPE[args.method], device="cpu", progress=False)
-        save_pruned(model, tokenizer, pruned_dir, {"model": args.model, **report.to_json()}, overwrite=True)
+        llmsparse.save(model, pruned_dir, tokenizer, manifest={"model": args.model, **report.to_json()}, overwrite=True)
         results["prune"] = {"sparsity": report.sparsity, "seconds": report.times["prune_s"]}
-        save()
-    model, tokenizer = load_model(str(pruned_dir))
+        record()
+    model, tokenizer = llmsparse.load(str(pruned_dir)), llmsparse.load_tokenizer(str(pruned_dir))
     manifest = read_manifest(pruned_dir)
     zeros_before = {n: (m.weight == 0).clone() for n, m in sparse_targets(model).items() if n in manifest["modules"]}
 
     if "ppl_before" not in results:
         log(f"perplexity before fine-tuning ({args.eval_windows} × 512 WikiText-2 windows)")
         results["ppl_before"] = wikitext_ppl(model, tokenizer, args.eval_windows)
-        save()
+        record()
     log(f"ppl before: {results['ppl_before']['ppl']:.2f}")
 
     if "ppl_after" not in results:
@@ -128,16 +128,16 @@ def main(argv=None) -> int:
             f"(the {len(documents) - len(train_docs)} calibration documents left out)")
         if not args.train_embeddings:
             model.get_input_embeddings().weight.requires_grad_(False)
-        model, report = finetune(model, tokenizer, train_docs, steps=args.steps, seqlen=args.seqlen, lr=args.lr,
-                                 batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed,
-                                 manifest=manifest, device="cpu", progress=True)
+        report = finetune(model, tokenizer, train_docs, steps=args.steps, seqlen=args.seqlen, lr=args.lr,
+                          batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed,
+                          manifest=manifest, device="cpu", progress=True)
         targets = sparse_targets(model)
         kept = all(torch.equal(targets[n].weight == 0, z) for n, z in zeros_before.items())
         results["finetune"] = {**report.to_json(), "calibration_docs_left_out": len(documents) - len(train_docs),
                                "every_pruned_weight_still_zero": kept}
         log("perplexity after fine-tuning")
         results["ppl_after"] = wikitext_ppl(model, tokenizer, args.eval_windows)
-        save()
+        record()
 
     tuned = results["finetune"]
     row = (f"| {name} | {args.method} {args.sparsity:g} | {tuned['steps']} × {tuned['tokens_per_step']} tokens "

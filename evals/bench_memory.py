@@ -37,13 +37,8 @@ def plain_folder(model: str) -> Path:
     folder = Path(tempfile.gettempdir()) / f"llmsparse-bench-{Path(model).stem}"
     if not (folder / "config.json").exists():
         import llmsparse
-        from llmsparse.checkpoint import write_dense
 
-        m, tok = llmsparse.load_model(model)
-        staging = folder.with_name(folder.name + ".tmp")
-        staging.mkdir(parents=True, exist_ok=True)
-        write_dense(m, tok, staging)
-        staging.rename(folder)
+        llmsparse.save(llmsparse.load(model), folder, llmsparse.load_tokenizer(model))
     return folder
 
 
@@ -51,10 +46,10 @@ def run_one(args) -> dict:
     import torch
 
     import llmsparse
-    from llmsparse.data import calibration_windows, load_documents
-    from llmsparse.pruner import peak_rss_mb
-    from llmsparse.models import find_decoder_layers
-    from llmsparse.progress import quiet_transformers
+    from llmsparse.core.memory import peak_rss_mb
+    from llmsparse.core.progress import quiet_transformers
+    from llmsparse.data.calibration import calibration_windows, load_documents
+    from llmsparse.models.structure import find_decoder_layers
 
     quiet_transformers()
     baseline = peak_rss_mb()
@@ -68,9 +63,10 @@ def run_one(args) -> dict:
         layers = AutoConfig.from_pretrained(folder).num_hidden_layers
         device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
                       **{f"model.layers.{i}": "disk" for i in range(layers)}}
-        model, tok = llmsparse.load_model(str(folder), device_map=device_map, offload_folder=work / "offload")
+        model = llmsparse.load(str(folder), device_map=device_map, offload_folder=work / "offload")
+        tok = llmsparse.load_tokenizer(str(folder))
     else:
-        model, tok = llmsparse.load_model(str(folder))
+        model, tok = llmsparse.load(str(folder)), llmsparse.load_tokenizer(str(folder))
     load_s = time.perf_counter() - t0
     rss_after_load = peak_rss_mb()
     windows = calibration_windows(tok, load_documents(args.calib), args.nsamples, args.seqlen, 0)
@@ -138,7 +134,7 @@ def write_benchmarks(rows: list[dict]) -> None:
     """Replace this benchmark's section of BENCHMARKS.md (between its markers)."""
     import torch
 
-    from llmsparse.outputs import write_section
+    from llmsparse.core.outputs import write_section
 
     peaks = {(r["method"], r["mode"]): r["peak_rss_mb"] for r in rows}
     falls = [f"{method}: {peaks[method, 'in_memory']:.0f} → {peaks[method, 'offloaded']:.0f} MB"

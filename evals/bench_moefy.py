@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_protocol import BENCHMARKS, CALIB, EVAL_TEXT, GGUF, REPO  # noqa: E402
-from gridrun import grid_parser, run_grid  # noqa: E402
+from gridrun import grid_parser, listed_or_one, run_grid  # noqa: E402
 
-from llmsparse.outputs import write_section  # noqa: E402
+from llmsparse.core.outputs import write_section  # noqa: E402
 
 RESULTS = REPO / "evals" / "results" / "moefy.jsonl"
 PROTOCOL = {"calib_nsamples": 32, "calib_seqlen": 512, "seed": 0, "eval_seqlen": 512, "eval_windows": 80,
@@ -57,17 +57,18 @@ def run_row(name: str, smoke: bool = False) -> dict:
     import torch
 
     import llmsparse
-    from llmsparse.pruner import peak_rss_mb
-    from llmsparse.data import read_text
-    from llmsparse.models import DEMO_MODEL, DEMO_TEXT
-    from llmsparse.moe import routing_hit_rate
-    from llmsparse.perplexity import perplexity, tokenize_text
-    from llmsparse.progress import quiet_transformers
+    from llmsparse.core.memory import peak_rss_mb
+    from llmsparse.core.progress import quiet_transformers
+    from llmsparse.data.demo import DEMO_MODEL, DEMO_TEXT
+    from llmsparse.data.text import read_text, tokenize_text
+    from llmsparse.evaluation.perplexity import perplexity
+    from llmsparse.moe.factorize import routing_hit_rate
 
     quiet_transformers()
     settings = GRID[name]
     protocol, calib = (SMOKE, DEMO_TEXT) if smoke else (PROTOCOL, CALIB)
-    model, tokenizer = llmsparse.load_model(str(DEMO_MODEL if smoke else GGUF))
+    source = str(DEMO_MODEL if smoke else GGUF)
+    model, tokenizer = llmsparse.load(source), llmsparse.load_tokenizer(source)
     ids = tokenize_text(tokenizer, read_text(DEMO_TEXT if smoke else EVAL_TEXT))
     seqlen = protocol["eval_seqlen"]
     if smoke and settings is not None:
@@ -87,8 +88,8 @@ def run_row(name: str, smoke: bool = False) -> dict:
                       flops_fraction=report.flops_fraction, hit_rate_calib=report.router_hit_rate,
                       hit_rate_wikitext=sum(rates) / len(rates),
                       chance=settings["top_k"] / (settings["experts"] - settings["shared"]),
-                      rel_error=[round(l["rel_error"], 4) for l in report.layers],
-                      rel_error_oracle=[round(l["rel_error_oracle"], 4) for l in report.layers])
+                      rel_error=[round(layer["rel_error"], 4) for layer in report.layers],
+                      rel_error_oracle=[round(layer["rel_error_oracle"], 4) for layer in report.layers])
         if report.finetune is not None:
             f = report.finetune
             result.update(finetune_s=report.times["finetune_s"], finetune_loss=[f["loss_first"], f["loss_last"]],
@@ -152,13 +153,9 @@ def main(argv=None) -> int:
     p = grid_parser(__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="run --rows on stories260K at tiny size; print, write nothing")
     args = p.parse_args(argv)
-    if args.list:
-        for name, settings in GRID.items():
-            print(name, settings)
-        return 0
-    if args.one:
-        print(json.dumps(run_row(args.one)))
-        return 0
+    done = listed_or_one(args, GRID, run_row)
+    if done is not None:
+        return done
     if args.smoke:
         for name in (args.rows or "dense,e16_50,e16_50_ft").split(","):
             r = run_row(name, smoke=True)

@@ -32,11 +32,11 @@ class _Done(Exception):
 def layer_statistics(model_path: str, calib: str, nsamples: int, seqlen: int, layer: int) -> dict:
     """Module name → (float32 weight, input statistics) for decoder layer ``layer`` of the dense model."""
     import llmsparse
-    from llmsparse.data import calibration_windows, load_documents
-    from llmsparse.engine import walk_layers
-    from llmsparse.models import find_targets, weight_matrix
+    from llmsparse.calibration.engine import walk_layers
+    from llmsparse.data.calibration import calibration_windows, load_documents
+    from llmsparse.models.structure import find_targets, weight_matrix
 
-    model, tokenizer = llmsparse.load_model(model_path)
+    model, tokenizer = llmsparse.load(model_path), llmsparse.load_tokenizer(model_path)
     windows = calibration_windows(tokenizer, load_documents(calib), nsamples, seqlen, 0)
     got = {}
 
@@ -56,9 +56,9 @@ def layer_statistics(model_path: str, calib: str, nsamples: int, seqlen: int, la
 
 
 def main() -> None:
-    from llmsparse.masks import Pattern
-    from llmsparse.methods import get_method
-    from llmsparse.methods.dsnot import dsnot_refine
+    from llmsparse.pruning.methods import METHODS
+    from llmsparse.pruning.pattern import Pattern
+    from llmsparse.pruning.refine.dsnot import dsnot_refine
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(GGUF))
@@ -71,7 +71,7 @@ def main() -> None:
     threads = torch.get_num_threads()
     print(f"layer {args.layer}, {len(got)} modules, {threads} torch threads, {args.nsamples}x{args.seqlen} windows")
     for method_name in ("wanda", "sparsegpt"):
-        method = get_method(method_name)
+        method = METHODS.build(method_name)
         for pattern in (Pattern(sparsity=0.7), Pattern(n=2, m=4)):
             jobs = []
             for weight, stats in got.values():

@@ -11,14 +11,13 @@ implementations' figures from ../shared/PEERS.md where that row exists) is print
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
 import time
 from pathlib import Path
 
-from gridrun import grid_parser, run_grid
+from gridrun import grid_parser, listed_or_one, run_grid
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("LLMSPARSE_ASSETS", REPO.parent / "shared" / "assets"))
@@ -99,17 +98,17 @@ def run_row(name: str) -> dict:
     import torch
 
     import llmsparse
-    from llmsparse.pruner import peak_rss_mb
-    from llmsparse.data import read_text
-    from llmsparse.perplexity import perplexity, tokenize_text
-    from llmsparse.progress import quiet_transformers
-    from llmsparse.pruner import targeted_sparsity
+    from llmsparse.core.memory import peak_rss_mb
+    from llmsparse.core.progress import quiet_transformers
+    from llmsparse.data.text import read_text, tokenize_text
+    from llmsparse.evaluation.perplexity import perplexity
+    from llmsparse.models.sparsity import weight_sparsity
 
     quiet_transformers()
     settings = dict(GRID[name]) if GRID[name] is not None else None
     if settings is not None and "threads" in settings:
         torch.set_num_threads(settings.pop("threads"))
-    model, tokenizer = llmsparse.load_model(str(GGUF))
+    model, tokenizer = llmsparse.load(str(GGUF)), llmsparse.load_tokenizer(str(GGUF))
     result = {"row": name, "settings": settings, "protocol": PROTOCOL, "threads": torch.get_num_threads(),
               "date": time.strftime("%Y-%m-%d"), "prune_s": 0.0, "sparsity": None}
     if settings is not None:
@@ -123,7 +122,7 @@ def run_row(name: str) -> dict:
         result["extra"] = {key: manifest[key] for key in ("allocation", "refinement") if manifest.get(key)}
         result["refine_s"] = report.times.get("refine_s", 0.0)
     else:
-        result["sparsity"] = targeted_sparsity(model)
+        result["sparsity"] = weight_sparsity(model)[0]
     ids = tokenize_text(tokenizer, read_text(EVAL_TEXT))
     t0 = time.perf_counter()
     ppl = perplexity(model, ids, seqlen=PROTOCOL["seqlen"], max_windows=PROTOCOL["eval_windows"], device="cpu")
@@ -150,7 +149,7 @@ def table(results: dict[str, dict]) -> str:
 
 def write_benchmarks(results: dict[str, dict], command: str) -> None:
     """Replace this benchmark's section of BENCHMARKS.md (between its markers) with the current table."""
-    from llmsparse.outputs import write_section
+    from llmsparse.core.outputs import write_section
 
     threads = sorted({r.get("threads") for r in results.values()})
     section = "\n".join([
@@ -170,13 +169,9 @@ def write_benchmarks(results: dict[str, dict], command: str) -> None:
 def main(argv=None) -> int:
     p = grid_parser(__doc__.splitlines()[0])
     args = p.parse_args(argv)
-    if args.list:
-        for name, settings in GRID.items():
-            print(name, settings)
-        return 0
-    if args.one:
-        print(json.dumps(run_row(args.one)))
-        return 0
+    done = listed_or_one(args, GRID, run_row)
+    if done is not None:
+        return done
     return run_grid(__file__, GRID, args.rows, RESULTS, (GGUF, CALIB, EVAL_TEXT), args.redo,
                     lambda r: f"ppl {r['ppl']:.2f}  sparsity {r['sparsity']:.4f}  prune {r['prune_s']:.0f} s  "
                               f"rss {r['peak_rss_mb']:.0f} MB", write_benchmarks, table)

@@ -71,3 +71,15 @@ def run_grid(script: str, grid: dict, rows: str | None, results: Path, assets, r
     print(table(done))
     write(done, command(done))
     return 0
+
+
+def listed_or_one(args, grid: dict, run_row: Callable[[str], dict]) -> int | None:
+    """Handle ``--list`` (print the rows) and ``--one NAME`` (run one row here, print its JSON); None otherwise."""
+    if args.list:
+        for name, settings in grid.items():
+            print(name, settings)
+        return 0
+    if args.one:
+        print(json.dumps(run_row(args.one)))
+        return 0
+    return None

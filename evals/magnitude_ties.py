@@ -35,14 +35,14 @@ def reference_keep(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor
 
 def main() -> int:
     import llmsparse
-    from llmsparse.data import read_text
-    from llmsparse.masks import nm_mask
-    from llmsparse.models import find_decoder_layers
-    from llmsparse.perplexity import perplexity, tokenize_text
-    from llmsparse.progress import quiet_transformers
+    from llmsparse.core.progress import quiet_transformers
+    from llmsparse.data.text import read_text, tokenize_text
+    from llmsparse.evaluation.perplexity import perplexity
+    from llmsparse.models.structure import find_decoder_layers
+    from llmsparse.pruning.masks import nm_mask
 
     quiet_transformers()
-    model, tokenizer = llmsparse.load_model(str(GGUF))
+    model, tokenizer = llmsparse.load(str(GGUF)), llmsparse.load_tokenizer(str(GGUF))
     linears = [m for layer in find_decoder_layers(model)[1] for m in layer.modules() if isinstance(m, torch.nn.Linear)]
     groups = tied = differ = 0
     reference = []

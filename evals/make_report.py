@@ -37,12 +37,12 @@ CALIBRATION = {"calib": str(CALIB), "nsamples": 32, "seqlen": 512, "seed": 0}
 
 def prune_variant(name: str, settings: dict, folder: Path) -> None:
     """Prune the dense model with ``settings`` and save it (with llmsparse.json) into ``folder``."""
-    from llmsparse import PruneConfig, load_model, prune
-    from llmsparse.checkpoint import save_pruned
+    import llmsparse
+    from llmsparse import PruneConfig, prune
 
-    model, tokenizer = load_model(str(GGUF))
+    model, tokenizer = llmsparse.load(str(GGUF)), llmsparse.load_tokenizer(str(GGUF))
     report = prune(model, tokenizer, PruneConfig(**settings, **CALIBRATION), device="cpu")
-    save_pruned(model, tokenizer, folder, {"model": str(GGUF), "label": name, **report.to_json()})
+    llmsparse.save(model, folder, tokenizer, manifest={"model": str(GGUF), "label": name, **report.to_json()})
 
 
 def main(argv=None) -> int:
@@ -55,8 +55,10 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args(argv)
 
-    from llmsparse.evaluate import EvalSettings, evaluate_model, plan_for, run_header
-    from llmsparse.report import write_report
+    from llmsparse.evaluation.harness import evaluate_model, plan_for, run_header
+    from llmsparse.evaluation.report import write_report
+    from llmsparse.evaluation.settings import EvalSettings
+    from llmsparse.workflows.load import open_model
 
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
@@ -65,7 +67,7 @@ def main(argv=None) -> int:
     work = Path(args.work)
     (work / "results").mkdir(parents=True, exist_ok=True)
     settings = EvalSettings(tasks=args.tasks, limit=args.limit, batch_size=args.batch_size, ppl_text=str(WIKITEXT2),
-                            ppl_seqlen=512, ppl_windows=80, device="cpu")
+                            ppl_seqlen=512, ppl_windows=80)
     key = json.dumps({"tasks": settings.tasks, "limit": settings.limit, "ppl": [512, 80]}, sort_keys=True)
 
     plan = plan_for(settings)
@@ -92,8 +94,11 @@ def main(argv=None) -> int:
                 if plan.message():
                     print(plan.message(), flush=True)
             t0 = time.perf_counter()
-            result = evaluate_model(source, settings, plan, manager, label=name, ppl_text=(WIKITEXT2.read_text(),
-                                                                                           str(WIKITEXT2)))
+            opened = open_model(str(source))
+            result = evaluate_model(opened.model, opened.tokenizer, settings, plan, label=name, source=source,
+                                    manifest=opened.manifest, task_manager=manager, device="cpu",
+                                    ppl_text=(WIKITEXT2.read_text(), str(WIKITEXT2)))
+            del opened
             print(f"[{name}] evaluated in {time.perf_counter() - t0:.0f} s", flush=True)
             cached.write_text(json.dumps({"key": key, "result": result}, default=str))
             results.append(result)

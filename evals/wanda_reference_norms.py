@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def patch_reference_accumulation() -> None:
     """Make ``InputStats`` accumulate Wanda's norms as the reference does (float32 running mean per sample)."""
-    from llmsparse.stats import InputStats
+    from llmsparse.calibration.stats import InputStats
 
     plain_add = InputStats.add
 

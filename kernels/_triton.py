@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import LlmsparseError
+from ..core.errors import LlmsparseError
 
 try:
     import triton

@@ -20,7 +20,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from ..errors import LlmsparseError
+from ..core.errors import LlmsparseError
 from . import benchutil as bu
 
 SHAPES = [(4096, 4096, "Llama-3-8B q/o"), (14336, 4096, "Llama-3-8B gate/up"), (4096, 14336, "Llama-3-8B down"),
@@ -53,8 +53,8 @@ def _rotating(calls):
 
 def build_columns(n: int, k: int, dtype, device, seed: int, sparsities, tile, cpu: bool) -> list[dict]:
     """The competitors for one weight shape: name, weight bytes, reference weight, and a factory of callables."""
-    from ..masks import nm_mask, topk_row_mask
-    from ..sparse import SparseLinear
+    from ..inference.sparse_linear import SparseLinear
+    from ..pruning.masks import nm_mask, topk_row_mask
     from .dispatch import semi_structured
     from .formats import compress
     from .ops import sparse_linear
@@ -88,7 +88,7 @@ def _error(e: Exception) -> str:
 
 def measure_column(col: dict, x, io_bytes: int, device, timers, bandwidth) -> dict:
     """Check one competitor against its reference, then time it; a backend that fails records its error."""
-    from ..sparse import SparseLinear
+    from ..inference.sparse_linear import SparseLinear
 
     entry = {"weight_bytes": col["bytes"]}
     try:

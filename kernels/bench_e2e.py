@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from ..errors import LlmsparseError
+from ..core.errors import LlmsparseError
 from . import benchutil as bu
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -46,8 +46,8 @@ def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, seed: int)
 
 def prune(model, pattern: str) -> None:
     """Magnitude-prune every Linear of the decoder layers to ``pattern`` ("2:4" or a sparsity like "0.7")."""
-    from ..masks import nm_mask, topk_row_mask
-    from ..models import find_decoder_layers, find_targets
+    from ..models.structure import find_decoder_layers, find_targets
+    from ..pruning.masks import nm_mask, topk_row_mask
 
     name, layers = find_decoder_layers(model)
     for i, layer in enumerate(layers):
@@ -60,7 +60,7 @@ def prune(model, pattern: str) -> None:
 
 def linear_weight_bytes(model, layers_name: str) -> int:
     """Bytes of the weights of every Linear or SparseLinear inside the decoder layers."""
-    from ..sparse import SparseLinear
+    from ..inference.sparse_linear import SparseLinear
 
     total = 0
     for module in model.get_submodule(layers_name).modules():
@@ -197,7 +197,8 @@ def main(argv=None) -> int:
     device = bu.setup_device("cpu" if args.tiny and args.device is None else args.device)
     if device.type == "cpu" and not args.tiny:
         raise LlmsparseError("the Llama-3-8B-shaped model needs a CUDA GPU; on CPU run with --tiny")
-    from ..sparse import SparseLinear, sparsify
+    from ..inference.sparse_linear import SparseLinear
+    from ..inference.sparsify import sparsify
 
     modes = [m for m in args.modes.split(",") if m in ("generate", "graph")]
     patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
@@ -223,7 +224,7 @@ def main(argv=None) -> int:
             "dtype": args.dtype, "seed": args.seed, "tokens": tokens, "prompt": args.prompt,
             "model": "tiny Llama" if args.tiny else "Llama-3-8B-shaped, random weights", "torch": torch.__version__}
     say(f"{meta['device']}: {meta['model']}, {args.dtype}, prompt {args.prompt}, {tokens} new tokens")
-    from ..models import find_decoder_layers
+    from ..models.structure import find_decoder_layers
 
     layers_name = find_decoder_layers(dense)[0]
     results = {"dense": measure(dense, layers_name, prompt, tokens, device, modes, say, "dense")}

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 
 import torch
 
-from ..errors import LlmsparseError
+from ..core.errors import LlmsparseError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import LlmsparseError
+from ..core.errors import LlmsparseError
 
 FORMAT_VERSION = 1
 DEFAULT_TILE = (64, 64)

@@ -22,7 +22,7 @@ from collections import Counter
 
 import torch
 
-from ..errors import LlmsparseError
+from ..core.errors import LlmsparseError
 from . import benchutil as bu
 
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32"}

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import LlmsparseError
+from ..core.errors import LlmsparseError
 from . import _triton
 from .formats import BitmapWeight, NMWeight
 

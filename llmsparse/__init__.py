@@ -1,34 +1,48 @@
-"""llmsparse: post-training sparsification for Hugging Face LLMs."""
+"""llmsparse: post-training sparsification for Hugging Face LLMs.
 
-__version__ = "0.1.0"
+The public API is imported lazily (``llmsparse.prune`` imports the pruning code on first use), so ``import
+llmsparse`` and the command line's ``--help`` stay fast and torch-free. Importing llmsparse also teaches
+transformers its compact checkpoints: once transformers' quantizer registry is imported, ``from_pretrained`` loads
+them and ``save_pretrained`` writes them.
+"""
 
-from .checkpoint import export, load, save_pruned  # noqa: E402
-from .config import PruneConfig  # noqa: E402
-from .errors import LlmsparseError  # noqa: E402
-from .hf_quantizer import register as _register_with_transformers  # noqa: E402
-from .masks import Pattern  # noqa: E402
-from .models import load_model  # noqa: E402
-from .moe import MoefyConfig, MoefyReport, moefy  # noqa: E402
-from .moe_export import load_moefied, save_moefied  # noqa: E402
-from .pruner import PruneReport, prune  # noqa: E402
-from .schedules import GradualPruning, PruneAndGrow  # noqa: E402
-from .sizes import inspect_folder  # noqa: E402
-from .sparse import SparseLinear, SparsifyReport, densify, sparsify  # noqa: E402
+from importlib import import_module
 
-_register_with_transformers()  # so that AutoModelForCausalLM.from_pretrained loads compact folders after `import llmsparse`
+from .core.import_hooks import when_imported
+from .core.version import __version__
 
-__all__ = ["__version__", "prune", "PruneConfig", "PruneReport", "Pattern", "load_model", "LlmsparseError",
-           "SparseLinear", "SparsifyReport", "sparsify", "densify", "load", "save_pruned", "export", "inspect_folder",
-           "SparsityCallback", "GradualPruning", "PruneAndGrow", "merge_lora", "finetune", "moefy", "MoefyConfig",
-           "MoefyReport", "save_moefied", "load_moefied"]
+_API = {
+    "load": "workflows.load", "load_tokenizer": "workflows.load", "save": "checkpoint.save",
+    "prune": "pruning.prune", "PruneConfig": "pruning.config", "PruneReport": "pruning.report",
+    "Pattern": "pruning.pattern",
+    "sparsify": "inference.sparsify", "densify": "inference.sparsify", "SparsifyReport": "inference.sparsify",
+    "SparseLinear": "inference.sparse_linear",
+    "export": "workflows.export", "inspect_folder": "workflows.inspect", "evaluate": "workflows.evaluate",
+    "EvalSettings": "evaluation.settings",
+    "moefy": "moe.convert", "MoefyConfig": "moe.config", "MoefyReport": "moe.convert",
+    "finetune": "training.finetune", "FinetuneConfig": "training.config", "FinetuneReport": "training.finetune",
+    "SparsityCallback": "training.callback", "GradualPruning": "training.schedules",
+    "PruneAndGrow": "training.schedules", "merge_lora": "training.lora",
+    "LlmsparseError": "core.errors", "Placement": "models.placement",
+}
 
-# Training pulls in transformers' Trainer (and peft through it): imported on first use, not with the package.
-_LAZY = {"SparsityCallback": "training", "merge_lora": "training", "finetune": "finetuning"}
+__all__ = ["__version__", *_API]
 
 
 def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if name in _API:
+        value = getattr(import_module(f".{_API[name]}", __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_API))
+
+
+def _register_with_transformers() -> None:
+    import_module(".checkpoint.quantizer", __name__)  # registers itself with transformers when first imported
+
+
+when_imported("transformers.quantizers.auto", _register_with_transformers)

@@ -90,9 +90,14 @@ def random_tokens(n: int, seqlen: int, vocab: int = 128, seed: int = 0) -> torch
     return torch.randint(0, vocab, (n, seqlen), generator=g)
 
 
+def load_pair(source, **placement):
+    """(model, tokenizer) of any source, loaded the way users do: ``llmsparse.load`` and ``load_tokenizer``."""
+    import llmsparse
+
+    return llmsparse.load(source, **placement), llmsparse.load_tokenizer(source, gguf_file=placement.get("gguf_file"))
+
+
 @pytest.fixture
 def stories():
     """The real stories260K model and tokenizer from the shared assets."""
-    from llmsparse.models import load_model
-
-    return load_model(str(need(STORIES)))
+    return load_pair(str(need(STORIES)))

@@ -11,15 +11,15 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainingArguments
 
+import llmsparse
 from llmsparse import PruneAndGrow, SparsityCallback
-from llmsparse.models import load_model
-from llmsparse.pruner import prune
-from llmsparse.training import sparse_targets
+from llmsparse.pruning.prune import prune
+from llmsparse.training.masks import sparse_targets
 
 
 def main(model_dir, text, out, mode):
     torch.set_num_threads(1)
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = llmsparse.load(model_dir), llmsparse.load_tokenizer(model_dir)
     ids = tokenizer(open(text).read(), return_tensors="pt").input_ids[0]
     blocks = ids[: ids.numel() // 64 * 64].view(-1, 64)
     prune(model, tokenizer, method="wanda", sparsity=0.5, calibration=blocks[:8], device="cpu", progress=False)

@@ -17,17 +17,16 @@ from typing import Callable
 
 import pytest
 import torch
+from conftest import load_pair, random_tokens, tiny_model
 
 import llmsparse
 from llmsparse.cli import main
-from llmsparse.errors import LlmsparseError
-from llmsparse.models import DEMO_MODEL, DEMO_TEXT
-
-from conftest import random_tokens, tiny_model
+from llmsparse.core.errors import LlmsparseError
+from llmsparse.data.demo import DEMO_MODEL, DEMO_TEXT
 
 PRUNE = ["prune", "{demo}", "--calib", "{text}", "--nsamples", "2", "--seqlen", "32", "--out", "{tmp}/out", "--quiet"]
 MOEFY = ["moefy", "{demo}", "--calib", "{text}", "--nsamples", "2", "--seqlen", "32", "--out", "{tmp}/out", "--quiet"]
-EVAL = ["eval", "{demo}", "--no-ppl", "--limit", "2", "--out", "{tmp}/out", "--quiet"]
+EVAL = ["eval", "{demo}", "--ppl-text", "none", "--limit", "2", "--out", "{tmp}/out", "--quiet"]
 FINETUNE = ["finetune", "{demo}", "--seqlen", "32", "--out", "{tmp}/out", "--quiet"]
 RUN = ["run", "{tmp}/recipe.yaml", "--model", "{demo}", "--out", "{tmp}/out", "--quiet"]
 
@@ -91,7 +90,7 @@ CLI = {
     "prune-seqlen-zero": Case(PRUNE + ["--seqlen", "0"], "seqlen must be a positive integer, got 0"),
     "prune-seqlen-beyond-context": Case(PRUNE + ["--seqlen", "4096"], "larger than the model allows (512)"),
     "prune-missing-model": Case(["prune", "{tmp}/no/such/model"] + PRUNE[2:], "does not exist"),
-    "prune-folder-without-model": Case(["prune", "{tmp}/empty"] + PRUNE[2:], "could not load model", mkdir("empty")),
+    "prune-folder-without-model": Case(["prune", "{tmp}/empty"] + PRUNE[2:], "is not a model folder", mkdir("empty")),
     "prune-unknown-dtype": Case(PRUNE + ["--dtype", "int3"], "unknown dtype 'int3'"),
     "prune-malformed-max-memory": Case(PRUNE + ["--device-map", "auto", "--max-memory", "lots"],
                                        "malformed --max-memory entry 'lots'"),
@@ -106,12 +105,12 @@ CLI = {
     "prune-resume-other-settings": Case(PRUNE + ["--resume"], "belongs to a run with other settings",
                                         foreign_work_folder),
     "prune-out-exists": Case(PRUNE, "already exists", mkdir("out")),
-    "prune-unknown-save-format": Case(PRUNE + ["--save-format", "zip"], "invalid choice: 'zip'"),
+    "prune-unknown-save-format": Case(PRUNE + ["--save-format", "zip"], "unknown --save-format 'zip'"),
     "prune-malformed-shard-size": Case(PRUNE + ["--max-shard-size", "banana"], "'banana' is not a size"),
     "prune-unknown-device": Case(PRUNE + ["--device", "banana"], "unknown device 'banana'"),
     "prune-absent-gpu": Case(PRUNE + ["--device", "cuda:7"], "device cuda:7"),
     "export-unknown-format": Case(["export", "{demo}", "--format", "zip", "--out", "{tmp}/out"],
-                                  "invalid choice: 'zip'"),
+                                  "unknown --format 'zip'"),
     "export-folder-not-a-model": Case(["export", "{tmp}/empty", "--format", "compact", "--out", "{tmp}/out"],
                                       "is not a model folder", mkdir("empty")),
     "export-into-its-source": Case(["export", "{tmp}/model", "--format", "dense", "--out", "{tmp}/model",
@@ -153,7 +152,7 @@ CLI = {
 
 
 def dense_demo():
-    return llmsparse.load_model(str(DEMO_MODEL))[0]
+    return load_pair(str(DEMO_MODEL))[0]
 
 
 def no_linear_model():
@@ -200,16 +199,16 @@ API = {
 @pytest.fixture(scope="module")
 def compact(tmp_path_factory) -> Path:
     """The demo model with a 2:4 pattern written as a compact checkpoint (no calibration needed)."""
-    from llmsparse.masks import nm_mask
-    from llmsparse.models import find_decoder_layers, find_targets, set_weight_matrix, weight_matrix
+    from llmsparse.models.structure import find_decoder_layers, find_targets, set_weight_matrix, weight_matrix
+    from llmsparse.pruning.masks import nm_mask
 
-    model, tokenizer = llmsparse.load_model(str(DEMO_MODEL))
+    model, tokenizer = load_pair(str(DEMO_MODEL))
     prefix, layers = find_decoder_layers(model)
     for i, layer in enumerate(layers):
         for module in find_targets(layer, f"{prefix}.{i}").modules.values():
             w = weight_matrix(module)
             set_weight_matrix(module, w * nm_mask(w.abs(), 2, 4))
-    return llmsparse.save_pruned(model, tokenizer, tmp_path_factory.mktemp("compact") / "c", save_format="compact")
+    return llmsparse.save(model, tmp_path_factory.mktemp("compact") / "c", tokenizer, format="compact")
 
 
 @pytest.fixture(autouse=True)

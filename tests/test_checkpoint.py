@@ -8,21 +8,20 @@ import sys
 
 import pytest
 import torch
+from conftest import FAMILIES, REPO, STORIES, TEXT, load_pair, need, tiny_model
+from llmsparse.kernels import formats as fmts
 from safetensors import safe_open
 from safetensors.torch import save_file
+from test_sparse import prune_model
 from torch import nn
 
 import llmsparse
-from llmsparse.checkpoint import save_pruned
+from llmsparse.checkpoint.compact import choose_format
+from llmsparse.checkpoint.save import save
 from llmsparse.cli import main
-from llmsparse.compact import choose_format
-from llmsparse.kernels import formats as fmts
-from llmsparse.masks import nm_mask, topk_row_mask
-from llmsparse.models import DEMO_TEXT, find_decoder_layers, find_targets, load_model
-from llmsparse.sparse import SparseLinear
-
-from conftest import FAMILIES, REPO, STORIES, TEXT, need, tiny_model
-from test_sparse import prune_model
+from llmsparse.data.demo import DEMO_TEXT
+from llmsparse.inference.sparse_linear import SparseLinear
+from llmsparse.pruning.masks import nm_mask, topk_row_mask
 
 ATOL = 1e-5
 
@@ -58,7 +57,7 @@ def test_round_trip_is_exact_sparse_and_densified(family, tmp_path):
     prune_model(model, ["2:4", 0.7])
     ids = torch.randint(0, 128, (2, 9))
     ref, ref_tokens = logits(model, ids), greedy(model, ids[:1])
-    out = save_pruned(model, None, tmp_path / "c", {"note": "test"}, save_format="compact", max_shard_size="20KB")
+    out = save(model, tmp_path / "c", format="compact", manifest={"note": "test"}, max_shard_size="20KB")
 
     config = json.loads((out / "config.json").read_text())
     modules = config["quantization_config"]["sparsity_config"]["modules"]
@@ -81,12 +80,12 @@ def test_round_trip_is_exact_sparse_and_densified(family, tmp_path):
 
 
 def test_stories260k_round_trip_after_a_real_prune(tmp_path):
-    model, tok = load_model(str(need(STORIES)))
+    model, tok = load_pair(str(need(STORIES)))
     llmsparse.prune(model, tok, method="wanda", pattern="2:4", calib=str(DEMO_TEXT), nsamples=4, seqlen=64,
                     progress=False, device="cpu")
     ids = tok("Once upon a time there was a little", return_tensors="pt").input_ids
     ref, ref_tokens = logits(model, ids), greedy(model, ids, 16)
-    out = save_pruned(model, tok, tmp_path / "s", save_format="compact")
+    out = save(model, tmp_path / "s", tok, format="compact")
     for densify in (False, True):
         back = llmsparse.load(out, densify=densify)
         assert len(sparse_modules(back)) == (0 if densify else 35)  # 5 layers x 7 projections, all 2:4
@@ -97,7 +96,7 @@ def test_stories260k_round_trip_after_a_real_prune(tmp_path):
 def test_sharding_follows_transformers_index_layout(tmp_path):
     model = tiny_model("llama")
     prune_model(model, ["2:4", 0.7])
-    out = save_pruned(model, None, tmp_path / "c", save_format="compact", max_shard_size="20KB")
+    out = save(model, tmp_path / "c", format="compact", max_shard_size="20KB")
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(shards) > 2 and not (out / "model.safetensors").exists()
     assert shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
@@ -109,7 +108,7 @@ def test_sharding_follows_transformers_index_layout(tmp_path):
         fmts_bytes(shape, dtype) for _, shape, dtype in found.values())
     assert max((out / s).stat().st_size for s in shards) < 2 * 20_000  # one tensor may overflow a shard, not two
     # the same keys as the index transformers writes itself for the dense model at the same shard size
-    own = json.loads((save_pruned(model, None, tmp_path / "d", max_shard_size="20KB")
+    own = json.loads((save(model, tmp_path / "d", max_shard_size="20KB")
                       / "model.safetensors.index.json").read_text())
     assert set(index) == set(own) and set(index["metadata"]) == set(own["metadata"])
     ids = torch.randint(0, 128, (1, 7))
@@ -150,13 +149,13 @@ def test_disk_size_is_within_5_percent_of_the_ideal(pattern, dtype, tmp_path):
             ideal += kept * es + (kept * 2 + 7) // 8 if pattern == "2:4" else kept * es + (tensor.numel() + 7) // 8
         else:
             ideal += tensor.numel() * es
-    out = save_pruned(model, None, tmp_path / "c", save_format="compact")
+    out = save(model, tmp_path / "c", format="compact")
     disk = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     assert ideal <= disk <= 1.05 * ideal, (disk, ideal)
 
 
 def test_choose_format_picks_the_smallest_that_fits():
-    from llmsparse.masks import check_nm
+    from llmsparse.pruning.masks import check_nm
 
     w = torch.randn(64, 128)
     half = nm_mask(w.abs(), 2, 4)
@@ -174,7 +173,7 @@ def test_choose_format_picks_the_smallest_that_fits():
 def test_tied_embeddings_stay_dense_and_are_stored_once(tmp_path):
     model = tiny_model("gpt2")  # lm_head tied to wte
     prune_model(model, ["2:4"])
-    out = save_pruned(model, None, tmp_path / "c", save_format="compact")
+    out = save(model, tmp_path / "c", format="compact")
     modules = json.loads((out / "config.json").read_text())["quantization_config"]["sparsity_config"]["modules"]
     assert modules["lm_head"]["format"] == "dense" and "tied" in modules["lm_head"]["reason"]
     assert "lm_head.weight" not in file_tensors(out)
@@ -185,7 +184,7 @@ def test_tied_embeddings_stay_dense_and_are_stored_once(tmp_path):
 def test_loading_never_builds_a_dense_weight_and_holds_the_file_bytes(tmp_path, monkeypatch):
     model = tiny_model("llama")
     prune_model(model, ["2:4", 0.7])
-    out = save_pruned(model, None, tmp_path / "c", save_format="compact")
+    out = save(model, tmp_path / "c", format="compact")
 
     def refuse(self):
         raise AssertionError("a dense weight was built while loading")
@@ -205,7 +204,7 @@ def test_device_map_offloads_sparse_layers_to_disk(tmp_path):
     prune_model(model, ["2:4", 0.7])
     ids = torch.randint(0, 128, (1, 7))
     ref = logits(model, ids)
-    out = save_pruned(model, None, tmp_path / "c", save_format="compact")
+    out = save(model, tmp_path / "c", format="compact")
     device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
                   "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
     back = llmsparse.load(out, device_map=device_map, offload_folder=tmp_path / "offload")
@@ -220,7 +219,7 @@ def test_device_map_offloads_sparse_layers_to_disk(tmp_path):
     with pytest.raises(llmsparse.LlmsparseError, match="densify needs every sparse layer in memory"):
         llmsparse.load(out, device_map=device_map, offload_folder=tmp_path / "o3", densify=True)
     for fmt in ("compact", "dense"):  # offloaded layers are read back from accelerate's store to be saved
-        again = save_pruned(back, None, tmp_path / f"again-{fmt}", save_format=fmt)
+        again = save(back, tmp_path / f"again-{fmt}", format=fmt)
         assert (logits(llmsparse.load(again), ids) - ref).abs().max() <= ATOL
     assert all(m.values.is_meta for m in sparse_modules(back.model.layers[1]).values())
 
@@ -229,15 +228,15 @@ def test_a_model_pruned_with_disk_offload_saves_compact(tmp_path):
     """``prune --device-map`` keeps some layers on disk; the compact writer reads them from accelerate's store."""
     settings = dict(method="magnitude", pattern="2:4", calib=str(DEMO_TEXT), nsamples=2, seqlen=32, progress=False,
                     device="cpu")
-    reference, tok = load_model(str(need(STORIES)))
+    reference, tok = load_pair(str(need(STORIES)))
     llmsparse.prune(reference, tok, **settings)
     device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
                   "model.layers.0": "cpu", "model.layers.1": "cpu", "model.layers.2": "disk",
                   "model.layers.3": "disk", "model.layers.4": "cpu"}
-    model, _ = load_model(str(need(STORIES)), device_map=device_map, offload_folder=tmp_path / "offload")
+    model, _ = load_pair(str(need(STORIES)), device_map=device_map, offload_folder=tmp_path / "offload")
     llmsparse.prune(model, tok, **settings)
     assert model.model.layers[2].self_attn.q_proj.weight.is_meta
-    out = save_pruned(model, tok, tmp_path / "c", save_format="compact")
+    out = save(model, tmp_path / "c", tok, format="compact")
     back = llmsparse.load(out)
     assert len(sparse_modules(back)) == 35
     ids = torch.randint(0, 512, (1, 12))
@@ -249,7 +248,7 @@ def test_from_pretrained_after_import_and_a_cast_on_load(tmp_path):
 
     model = tiny_model("llama")
     prune_model(model, ["2:4", 0.7])
-    out = save_pruned(model, None, tmp_path / "c", save_format="compact")
+    out = save(model, tmp_path / "c", format="compact")
     back = AutoModelForCausalLM.from_pretrained(out)
     assert len(sparse_modules(back)) == 14
     half = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float16)
@@ -272,8 +271,8 @@ def test_dense_export_loads_in_plain_transformers_without_llmsparse(tmp_path):
     prune_model(model, ["2:4", 0.7])
     ids = torch.randint(0, 128, (1, 8))
     ref, ref_tokens = logits(model, ids), greedy(model, ids)
-    direct = save_pruned(model, None, tmp_path / "direct", {"note": "test"})
-    compact = save_pruned(model, None, tmp_path / "c", save_format="compact")
+    direct = save(model, tmp_path / "direct", manifest={"note": "test"})
+    compact = save(model, tmp_path / "c", format="compact")
     assert main(["export", str(compact), "--format", "dense", "--out", str(tmp_path / "d"), "--quiet"]) == 0
     folders = [direct, tmp_path / "d"]
     for dense in folders:
@@ -306,7 +305,7 @@ def test_dense_export_loads_in_plain_transformers_without_llmsparse(tmp_path):
 
 
 def test_load_takes_plain_dense_folders():
-    model, _ = load_model(str(need(STORIES)))
+    model, _ = load_pair(str(need(STORIES)))
     back = llmsparse.load(need(STORIES))
     ids = torch.randint(0, 512, (1, 10))
     assert not sparse_modules(back)
@@ -316,8 +315,8 @@ def test_load_takes_plain_dense_folders():
 def test_inspect_reports_formats_sparsity_and_bytes(tmp_path, capsys):
     model = wide_llama(torch.bfloat16)
     pruned = prune_model(model, ["2:4", 0.7])
-    out = save_pruned(model, None, tmp_path / "c", save_format="compact")
-    dense = save_pruned(model, None, tmp_path / "d")
+    out = save(model, tmp_path / "c", format="compact")
+    dense = save(model, tmp_path / "d")
     report = llmsparse.inspect_folder(out)
     rows = {m.name: m for m in report.modules}
     for name, module in model.named_modules():
@@ -387,7 +386,7 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
 
     monkeypatch.setattr(type(model), "save_pretrained", broken)
     with pytest.raises(OSError):
-        save_pruned(model, None, tmp_path / "c", save_format="compact")
+        save(model, tmp_path / "c", format="compact")
     assert list(tmp_path.iterdir()) == []
     assert not sparse_modules(model) and getattr(model.config, "quantization_config", None) is None
     assert isinstance(model.model.layers[0].mlp.up_proj, nn.Linear)
@@ -422,14 +421,14 @@ def test_checkpoint_benchmark_script_at_a_tiny_size(tmp_path, capsys):
 
 def test_a_bad_shard_size_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
     """transformers would only reject it when writing, after a prune of possibly hours."""
-    from llmsparse.checkpoint import shard_size
+    from llmsparse.checkpoint.save import shard_size
 
     assert shard_size("200000") == 200_000 and shard_size("2MiB") == 2 * 2**20 and shard_size("5GB") == 5 * 10**9
 
     def no_pruning(*args, **kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr("llmsparse.models.load_model", no_pruning)
+    monkeypatch.setattr("llmsparse.workflows.prune.open_model", no_pruning)
     for size in ("lots", "0KB", "-5MB"):
         assert main(["prune", "--pattern", "2:4", "--method", "magnitude", f"--max-shard-size={size}",
                      "--out", str(tmp_path / "p"), "--quiet"]) == 2
@@ -437,5 +436,5 @@ def test_a_bad_shard_size_is_refused_before_any_work(tmp_path, capsys, monkeypat
         assert err.startswith("llmsparse: error: --max-shard-size") and len(err.strip().splitlines()) == 1
     model = tiny_model("llama")
     with pytest.raises(llmsparse.LlmsparseError, match="not a size"):
-        save_pruned(model, None, tmp_path / "c", save_format="compact", max_shard_size="5 gigabytes")
+        save(model, tmp_path / "c", format="compact", max_shard_size="5 gigabytes")
     assert list(tmp_path.iterdir()) == []

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import STORIES, need
 from safetensors.torch import load_file
 
 from llmsparse.cli import main
-from llmsparse.models import DEMO_MODEL, DEMO_TEXT
-
-from conftest import STORIES, need
+from llmsparse.data.demo import DEMO_MODEL, DEMO_TEXT
 
 FAST = ["--nsamples", "4", "--seqlen", "32", "--quiet"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import STORIES, need
+
 from llmsparse.cli import main
 
 

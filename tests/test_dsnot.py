@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import STORIES, TEXT, need
-from llmsparse.masks import Pattern, check_nm
-from llmsparse.methods import Solution, get_method
-from llmsparse.methods.dsnot import DSnoT, dsnot_refine
-from llmsparse.stats import InputStats
+
+from llmsparse.calibration.stats import InputStats
+from llmsparse.pruning.masks import check_nm
+from llmsparse.pruning.methods import METHODS
+from llmsparse.pruning.methods.base import Solution
+from llmsparse.pruning.pattern import Pattern
+from llmsparse.pruning.refine.dsnot import DSnoT, dsnot_refine
 
 
 def hand_case():
@@ -73,7 +75,7 @@ def output_error(weight, new, x) -> float:
 def test_counts_exact_and_tracked_error_matches_the_inputs(method, pattern):
     w, x, stats = random_layer()
     pat = Pattern.parse(pattern) if ":" in pattern else Pattern(sparsity=float(pattern))
-    base = get_method(method).solve(w, stats, pat)
+    base = METHODS.build(method).solve(w, stats, pat)
     refined, info = DSnoT(threshold=0.0).refine(w, base, stats, pat)
     assert info.error_model == "hessian"
     assert info.swaps > 0
@@ -93,7 +95,7 @@ def test_moment_model_without_hessian_lowers_error_on_uncorrelated_inputs():
     stats = InputStats(x.shape[1], "cpu", {"moments"})
     stats.add(x)
     pat = Pattern(sparsity=0.7)
-    base = get_method("wanda").solve(w, stats, pat)
+    base = METHODS.build("wanda").solve(w, stats, pat)
     refined, info = DSnoT(threshold=0.0).refine(w, base, stats, pat)
     assert info.error_model == "moments" and info.swaps > 0
     assert info.error_after < info.error_before
@@ -102,17 +104,19 @@ def test_moment_model_without_hessian_lowers_error_on_uncorrelated_inputs():
 
 def test_zero_cycles_changes_nothing():
     w, x, stats = random_layer()
-    base = get_method("wanda").solve(w, stats, Pattern(sparsity=0.5))
+    base = METHODS.build("wanda").solve(w, stats, Pattern(sparsity=0.5))
     refined, info = DSnoT(max_cycles=0).refine(w, base, stats, Pattern(sparsity=0.5))
     assert info.swaps == 0 and torch.equal(refined.keep, base.keep)
 
 
 def _real_layer_inputs():
     """Every targeted Linear of stories260K with its real calibration inputs (dense model, 8 × 128 tokens)."""
-    from llmsparse.data import calibration_windows, load_documents
-    from llmsparse.models import find_decoder_layers, find_targets, load_model
+    from conftest import load_pair
 
-    model, tokenizer = load_model(str(need(STORIES)))
+    from llmsparse.data.calibration import calibration_windows, load_documents
+    from llmsparse.models.structure import find_decoder_layers, find_targets
+
+    model, tokenizer = load_pair(str(need(STORIES)))
     ids = calibration_windows(tokenizer, load_documents(str(need(TEXT / "tinystories_sample.txt"))), 8, 128, 0)
     prefix, layers = find_decoder_layers(model)
     modules = {}
@@ -142,7 +146,7 @@ def test_real_activations_error_drops_and_counts_stay(real_layers, method, patte
     pat = Pattern.parse(pattern) if ":" in pattern else Pattern(sparsity=float(pattern))
     swaps, lowered, per_layer = 0, 0, {}
     for name, (w, x) in real_layers.items():
-        m = get_method(method)
+        m = METHODS.build(method)
         stats = InputStats(x.shape[1], "cpu", m.needs | DSnoT.needs)
         stats.add(x)
         base = m.solve(w, stats, pat)
@@ -169,13 +173,14 @@ def test_real_activations_error_drops_and_counts_stay(real_layers, method, patte
 def test_side_by_side_refinement_gives_what_one_module_at_a_time_gives(monkeypatch, settings):
     """On CPU the pruner refines a layer's modules side by side in threads (DSnoT is single-threaded): every
     weight, every module's record and the totals must equal those of refining the modules one after another."""
-    import llmsparse.pruner as pruner
-    from llmsparse.models import load_model
+    from conftest import load_pair
+
+    import llmsparse.pruning.prune as pruner
 
     runs = []
     for workers in (1, 3):
         monkeypatch.setattr(pruner, "side_by_side_workers", lambda device, refiners, w=workers: w)
-        model, tokenizer = load_model(str(need(STORIES)))
+        model, tokenizer = load_pair(str(need(STORIES)))
         threads = torch.get_num_threads()
         report = pruner.prune(model, tokenizer, calib=str(need(TEXT / "tinystories_sample.txt")), nsamples=4,
                               seqlen=64, device="cpu", progress=False, **settings)

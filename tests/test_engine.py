@@ -3,13 +3,12 @@ prunes every targeted module to the requested sparsity, reports what it skipped,
 
 import pytest
 import torch
+from conftest import FAMILIES, random_tokens, tiny_model
 
 import llmsparse
-from llmsparse.engine import walk_layers
-from llmsparse.masks import check_nm
-from llmsparse.models import find_decoder_layers, find_targets, weight_matrix
-
-from conftest import FAMILIES, random_tokens, tiny_model
+from llmsparse.calibration.engine import walk_layers
+from llmsparse.models.structure import find_decoder_layers, find_targets, weight_matrix
+from llmsparse.pruning.masks import check_nm
 
 
 def reference_layer_outputs(model, ids):

@@ -7,10 +7,12 @@ import json
 
 import pytest
 import torch
-
 from conftest import ASSETS, STORIES, need
-from llmsparse.evaluate import EvalSettings, run_lm_eval, weight_sparsity
-from llmsparse.localtasks import plan_tasks
+
+from llmsparse.evaluation.harness import run_lm_eval
+from llmsparse.evaluation.settings import EvalSettings
+from llmsparse.evaluation.tasks import plan_tasks
+from llmsparse.models.sparsity import weight_sparsity
 
 BENCH = ASSETS / "bench"
 LIMIT = 5
@@ -86,10 +88,10 @@ _RUNS: dict = {}
 
 @pytest.fixture(scope="module")
 def stories():
-    from llmsparse.models import load_model
+    from conftest import load_pair
 
     need(STORIES), need(BENCH)
-    return load_model(str(STORIES))
+    return load_pair(str(STORIES))
 
 
 def lm_eval_run(stories, tasks: tuple) -> tuple[dict, dict]:
@@ -136,7 +138,8 @@ def test_local_task_equals_direct_loglikelihoods(stories, task):
 
 def test_weight_sparsity_counts_zeros_per_layer():
     from conftest import tiny_model
-    from llmsparse.models import find_decoder_layers, find_targets
+
+    from llmsparse.models.structure import find_decoder_layers, find_targets
 
     model = tiny_model("llama")
     prefix, layers = find_decoder_layers(model)

@@ -3,12 +3,11 @@ pruned (router gates never), and an expert the router never selects is still cal
 
 import pytest
 import torch
+from conftest import random_tokens, tiny_model
 
 import llmsparse
-from llmsparse.engine import walk_layers
-from llmsparse.models import find_targets, weight_matrix
-
-from conftest import random_tokens, tiny_model
+from llmsparse.calibration.engine import walk_layers
+from llmsparse.models.structure import find_targets, weight_matrix
 
 
 def block(model, i=0):

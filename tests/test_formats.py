@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-
-from llmsparse.errors import LlmsparseError
 from llmsparse.kernels import formats as F
-from llmsparse.masks import nm_mask, topk_row_mask
+
+from llmsparse.core.errors import LlmsparseError
+from llmsparse.pruning.masks import nm_mask, topk_row_mask
 
 
 def weight_and_mask(rows, cols, sparsity=None, nm=None, dtype=torch.float32, seed=0):
@@ -176,24 +176,22 @@ def test_bad_arguments_give_one_line_errors():
         F.compress(torch.randn(4, 8), torch.ones(4, 4, dtype=torch.bool))
 
 
-def test_repository_root_on_sys_path_does_not_shadow_the_hugging_face_kernels_package():
+def test_repository_root_on_sys_path_does_not_shadow_the_hugging_face_kernels_package(tmp_path):
     """``python -m pytest`` puts the repository root on sys.path, where our ``kernels/`` folder lives; transformers
-    imports the Hugging Face ``kernels`` package by that name. The top-level name must give that package (when
-    installed) and never our formats, while ``llmsparse.kernels`` stays ours."""
-    import importlib.metadata
+    imports the Hugging Face ``kernels`` package by that name. The top-level name must give that package and never
+    our formats, while ``llmsparse.kernels`` stays ours. A stand-in ``kernels`` package later on sys.path plays the
+    Hugging Face one, so the delegation runs whether or not the real package is installed."""
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    code = ("import sys; sys.path.insert(0, ''); import kernels, llmsparse.kernels; "
-            "print(getattr(kernels, '__file__', None)); print(hasattr(kernels, 'compress')); "
-            "print(llmsparse.kernels.compress.__module__)")
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("WHO = 'hugging face'\n")
+    code = (f"import sys; sys.path[:0] = ['', {str(tmp_path)!r}]; import kernels, llmsparse.kernels; "
+            "print(kernels.__file__); print(getattr(kernels, 'WHO', None) == 'hugging face'); "
+            "print(hasattr(kernels, 'compress')); print(llmsparse.kernels.compress.__module__)")
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
-    location, has_ours, module = out.stdout.split()
-    assert has_ours == "False" and module == "llmsparse.kernels.formats"
-    try:
-        importlib.metadata.distribution("kernels")
-    except importlib.metadata.PackageNotFoundError:
-        return  # nothing to shadow: the top-level name is an empty module
-    assert location != str(root / "kernels" / "__init__.py"), location
+    location, delegated, has_ours, module = out.stdout.split()
+    assert location == str(tmp_path / "kernels" / "__init__.py")
+    assert delegated == "True" and has_ours == "False" and module == "llmsparse.kernels.formats"

@@ -6,17 +6,16 @@ import struct
 
 import pytest
 import torch
+from conftest import tiny_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_sparse import prune_model
 
 import llmsparse
-from llmsparse.checkpoint import save_pruned
+from llmsparse.checkpoint.integrity import tensor_crc32
+from llmsparse.checkpoint.save import save
 from llmsparse.cli import main
-from llmsparse.errors import LlmsparseError
-from llmsparse.integrity import tensor_crc32
-
-from conftest import tiny_model
-from test_sparse import prune_model
+from llmsparse.core.errors import LlmsparseError
 
 NM = "model.layers.0.mlp.gate_proj"  # 2:4 in prune_model's alternation
 BITMAP = "model.layers.0.mlp.up_proj"  # 70% unstructured: bitmap
@@ -27,8 +26,7 @@ def saved(tmp_path_factory):
     torch.manual_seed(0)
     model = tiny_model("llama")
     prune_model(model, ["2:4", 0.7])
-    out = save_pruned(model, None, tmp_path_factory.mktemp("ckpt") / "c", save_format="compact",
-                      max_shard_size="20KB")
+    out = save(model, tmp_path_factory.mktemp("ckpt") / "c", format="compact", max_shard_size="20KB")
     modules = json.loads((out / "config.json").read_text())["quantization_config"]["sparsity_config"]["modules"]
     assert modules[NM]["format"] == "2:4" and modules[BITMAP]["format"] == "bitmap"
     return out

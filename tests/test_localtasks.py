@@ -8,11 +8,19 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import ASSETS, need
-from llmsparse.errors import LlmsparseError
-from llmsparse.localtasks import (LOCAL, find_data_dir, hub_offline, plan_tasks, prepare_hellaswag,
-                                  prepare_piqa, read_task_config, task_dir)
+
+from llmsparse.core.errors import LlmsparseError
+from llmsparse.evaluation.tasks import (
+    LOCAL,
+    find_data_dir,
+    hub_offline,
+    plan_tasks,
+    prepare_hellaswag,
+    prepare_piqa,
+    read_task_config,
+    task_dir,
+)
 
 BENCH = ASSETS / "bench"
 

@@ -1,12 +1,12 @@
 """Mask selection against plain-loop references, exact counts per row and per N:M group."""
 
-import itertools
 
 import pytest
 import torch
 
-from llmsparse.errors import LlmsparseError
-from llmsparse.masks import Pattern, check_nm, nm_mask, pruned_count, sparsity_of, topk_global_mask, topk_row_mask
+from llmsparse.core.errors import LlmsparseError
+from llmsparse.pruning.masks import check_nm, nm_mask, pruned_count, sparsity_of, topk_global_mask, topk_row_mask
+from llmsparse.pruning.pattern import Pattern
 
 
 def loop_row_mask(scores, sparsity):

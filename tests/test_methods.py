@@ -3,10 +3,13 @@
 import pytest
 import torch
 
-from llmsparse.masks import Pattern, check_nm, pruned_count
-from llmsparse.methods import Magnitude, SparseGPT, Wanda, get_method
-from llmsparse.methods.sparsegpt import sparsegpt_prune
-from llmsparse.stats import InputStats
+from llmsparse.calibration.stats import InputStats
+from llmsparse.pruning.masks import check_nm, pruned_count
+from llmsparse.pruning.methods import METHODS
+from llmsparse.pruning.methods.magnitude import Magnitude
+from llmsparse.pruning.methods.sparsegpt import SparseGPT, sparsegpt_prune
+from llmsparse.pruning.methods.wanda import Wanda
+from llmsparse.pruning.pattern import Pattern
 
 
 def correlated_inputs(tokens=512, cols=64, seed=0):
@@ -51,7 +54,7 @@ def test_wanda_mask_equals_plain_loop():
 def test_nm_groups_exact_for_every_method(method, pattern):
     w = torch.randn(24, 64)
     p = Pattern.parse(pattern)
-    sol = get_method(method).solve(w, stats_for(correlated_inputs()), p)
+    sol = METHODS.build(method).solve(w, stats_for(correlated_inputs()), p)
     assert check_nm(sol.keep, p.n, p.m)
     assert (sol.keep.reshape(24, -1, p.m).sum(-1) == p.n).all()
     if sol.weight is not None:
@@ -61,7 +64,7 @@ def test_nm_groups_exact_for_every_method(method, pattern):
 @pytest.mark.parametrize("method", ["magnitude", "wanda"])
 def test_layer_scope_exact_over_the_matrix(method):
     w = torch.randn(24, 70)
-    keep = get_method(method, scope="layer").solve(w, stats_for(correlated_inputs(cols=70)), Pattern(sparsity=0.7)).keep
+    keep = METHODS.build(method, scope="layer").solve(w, stats_for(correlated_inputs(cols=70)), Pattern(sparsity=0.7)).keep
     assert (~keep).sum().item() == pruned_count(24 * 70, 0.7)
     assert (~keep).sum(1).unique().numel() > 1
 
@@ -69,7 +72,7 @@ def test_layer_scope_exact_over_the_matrix(method):
 @pytest.mark.parametrize("method", ["magnitude", "wanda"])
 def test_row_methods_exact_per_row(method):
     w = torch.randn(24, 70)
-    keep = get_method(method).solve(w, stats_for(correlated_inputs(cols=70)), Pattern(sparsity=0.7)).keep
+    keep = METHODS.build(method).solve(w, stats_for(correlated_inputs(cols=70)), Pattern(sparsity=0.7)).keep
     assert ((~keep).sum(1) == pruned_count(70, 0.7)).all()
 
 
@@ -125,7 +128,7 @@ def test_sparsegpt_dead_inputs_are_pruned_first_and_solve_succeeds():
 
 
 def test_unknown_method_is_refused():
-    from llmsparse.errors import LlmsparseError
+    from llmsparse.core.errors import LlmsparseError
 
     with pytest.raises(LlmsparseError, match="unknown method"):
-        get_method("obc")
+        METHODS.build("obc")

@@ -4,16 +4,25 @@ import json
 
 import pytest
 import torch
+from conftest import STORIES, need, random_tokens, tiny_model
 from torch import nn
 
 import llmsparse
-from llmsparse.errors import LlmsparseError
-from llmsparse.moe import (MoefyConfig, balanced_assignment, balanced_kmeans, expert_output_norms, expert_sizes,
-                           factorize, ffn_cost, fit_linear, moefy, top_k_hits)
-from llmsparse.moe_export import is_moefied, load_moefied, moe_spec, save_moefied
-from llmsparse.moe_modeling import MoeFFN
-
-from conftest import STORIES, need, random_tokens, tiny_model
+from llmsparse.core.errors import LlmsparseError
+from llmsparse.core.folders import MANIFEST
+from llmsparse.moe.config import MoefyConfig
+from llmsparse.moe.convert import ffn_cost, moefy
+from llmsparse.moe.export import is_moefied, load_moefied, moe_spec
+from llmsparse.moe.factorize import (
+    balanced_assignment,
+    balanced_kmeans,
+    expert_output_norms,
+    expert_sizes,
+    factorize,
+    fit_linear,
+    top_k_hits,
+)
+from llmsparse.moe.modeling import MoeFFN
 
 GATED = ["llama", "mistral", "qwen2", "gemma"]
 
@@ -205,13 +214,13 @@ def test_export_reloads_in_plain_transformers_with_identical_logits(family, tmp_
     ids = random_tokens(2, 20, seed=7)
     expected = model(ids).logits
     out = tmp_path / "moe"
-    save_moefied(model, None, out, report)
+    llmsparse.save(model, out, manifest={"moefy": report.to_json()})
     assert is_moefied(out) and (out / "modeling_llmsparse_moe.py").is_file()
-    assert json.loads((out / "moefy.json").read_text())["totals"]["ffn_active_fraction"] == report.active_fraction
+    assert json.loads((out / MANIFEST).read_text())["moefy"]["totals"]["ffn_active_fraction"] == report.active_fraction
     loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert type(loaded).__name__ == "LlmsparseMoeForCausalLM"
     assert torch.equal(loaded(ids).logits, expected)
-    ours, _ = load_moefied(out)
+    ours = load_moefied(out)
     assert torch.equal(ours(ids).logits, expected)
     assert torch.equal(llmsparse.load(out)(ids).logits, expected)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -221,22 +230,21 @@ def test_export_without_trust_remote_code_is_refused(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model, report = moefied("llama")
-    save_moefied(model, None, tmp_path / "moe", report)
+    llmsparse.save(model, tmp_path / "moe", manifest={"moefy": report.to_json()})
     with pytest.raises(ValueError, match="trust_remote_code"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
 
 
-def test_export_refuses_a_dense_model(tmp_path):
+def test_export_refuses_a_dense_model():
     with pytest.raises(LlmsparseError, match="no MoE FFNs"):
-        save_moefied(tiny_model("llama"), None, tmp_path / "x")
-    assert not (tmp_path / "x").exists()
+        moe_spec(tiny_model("llama"))
 
 
 def test_export_stores_each_neuron_once(tmp_path):
     from safetensors.torch import load_file
 
     model, report = moefied("llama", experts=8, shared=2, top_k=3)
-    save_moefied(model, None, tmp_path / "moe", report)
+    llmsparse.save(model, tmp_path / "moe", manifest={"moefy": report.to_json()})
     weights = load_file(tmp_path / "moe" / "model.safetensors")
     assert not [k for k in weights if k.endswith(("mlp.gate_proj.weight", "mlp.down_proj.weight"))]
     ffn = sum(v.numel() for k, v in weights.items() if ".mlp." in k)
@@ -258,8 +266,8 @@ def test_prune_after_moefy_prunes_experts_and_keeps_the_router(tmp_path):
     assert torch.equal(moe.router.weight, router)
     ids = random_tokens(2, 16, seed=3)
     expected = model(ids).logits
-    save_moefied(model, None, tmp_path / "moe", report)
-    loaded, _ = load_moefied(tmp_path / "moe")
+    llmsparse.save(model, tmp_path / "moe", manifest={"moefy": report.to_json()})
+    loaded = load_moefied(tmp_path / "moe")
     assert torch.equal(loaded(ids).logits, expected)
 
 
@@ -267,7 +275,7 @@ def test_moefy_after_prune_keeps_every_zero():
     model = tiny_model("llama")
     llmsparse.prune(model, calibration=random_tokens(4, 32, seed=2), method="wanda", sparsity=0.5,
                     device="cpu", progress=False)
-    zeros = sum(int((getattr(l.mlp, p).weight == 0).sum()) for l in model.model.layers
+    zeros = sum(int((getattr(layer.mlp, p).weight == 0).sum()) for layer in model.model.layers
                 for p in ("gate_proj", "up_proj", "down_proj"))
     moefy(model, calibration=random_tokens(8, 32, seed=1), device="cpu", progress=False, experts=8, shared=2,
           top_k=3)
@@ -286,15 +294,16 @@ def test_moefy_twice_is_refused():
 
 
 def test_stories260k_router_beats_chance_and_reloads(tmp_path, monkeypatch):
+    from conftest import load_pair
     from transformers import AutoModelForCausalLM
 
-    from llmsparse.data import calibration_windows, load_documents
-    from llmsparse.models import DEMO_TEXT, load_model
+    from llmsparse.data.calibration import calibration_windows, load_documents
+    from llmsparse.data.demo import DEMO_TEXT
 
-    model, tok = load_model(str(need(STORIES)))
+    model, tok = load_pair(str(need(STORIES)))
     windows = calibration_windows(tok, load_documents(str(DEMO_TEXT)), 16, 128, seed=0)
     report = moefy(model, tok, calibration=windows, device="cpu", progress=False, experts=8, shared=2, top_k=3)
-    assert [l["expert_neurons"] for l in report.layers] == [[22, 22, 21, 21, 21, 21]] * 5
+    assert [row["expert_neurons"] for row in report.layers] == [[22, 22, 21, 21, 21, 21]] * 5
     assert report.router_hit_rate > 0.5 + 0.1
     for layer in report.layers:
         assert layer["rel_error"] < 1 and layer["shared_neurons"] == 44
@@ -302,11 +311,11 @@ def test_stories260k_router_beats_chance_and_reloads(tmp_path, monkeypatch):
     assert spec["base_model_class"] == "LlamaForCausalLM" and len(spec["ffn"]) == 5
     ids = windows[:2, :64]
     expected = model(ids).logits
-    save_moefied(model, tok, tmp_path / "moe", report)
+    llmsparse.save(model, tmp_path / "moe", tok, manifest={"moefy": report.to_json()})
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", trust_remote_code=True)
     assert torch.equal(loaded(ids).logits, expected)
     monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("loading asked on stdin to run remote code"))
-    again, tok2 = llmsparse.load_model(str(tmp_path / "moe"))
+    again, tok2 = load_pair(str(tmp_path / "moe"))
     assert torch.equal(again(ids).logits, expected) and tok2 is not None
 
 
@@ -322,20 +331,18 @@ def expert_linears(model):
     return {name: m for name, m in model.named_modules() if ".mlp." in name and name.endswith("_proj")}
 
 
-@pytest.mark.parametrize("writer", ["save_pruned", "save_moefied"])
+@pytest.mark.parametrize("writer", ["save", "save_with_report"])
 def test_pruned_experts_save_compactly_and_reload_with_identical_logits(writer, tmp_path):
     from transformers import AutoModelForCausalLM
-
-    from llmsparse.checkpoint import MANIFEST
 
     model, report = pruned_moe()
     ids = random_tokens(2, 16, seed=3)
     expected = model(ids).logits
     out = tmp_path / "compact"
-    if writer == "save_pruned":
-        llmsparse.save_pruned(model, None, out, {"note": "moefied then pruned"}, save_format="compact")
+    if writer == "save":
+        llmsparse.save(model, out, format="compact", manifest={"note": "moefied then pruned"})
     else:
-        save_moefied(model, None, out, report, save_format="compact")
+        llmsparse.save(model, out, format="compact", manifest={"moefy": report.to_json()})
         assert json.loads((out / MANIFEST).read_text())["save_format"] == "compact"
     modules = json.loads((out / "config.json").read_text())["quantization_config"]["sparsity_config"]["modules"]
     experts = {k: v["format"] for k, v in modules.items() if ".mlp." in k}
@@ -378,7 +385,7 @@ def test_training_gates_are_exactly_one_and_reach_the_router():
 
 
 def test_finetune_keeps_pruned_expert_zeros_and_trains_only_the_moe():
-    from llmsparse.moe_finetune import finetune_moe
+    from llmsparse.moe.finetune import finetune_moe
 
     model, _ = pruned_moe()
     zeros = {n: m.weight == 0 for n, m in expert_linears(model).items()}
@@ -397,11 +404,13 @@ def test_finetune_keeps_pruned_expert_zeros_and_trains_only_the_moe():
 
 
 def test_stories260k_finetune_lowers_the_loss_and_reloads(tmp_path):
-    from llmsparse.data import calibration_windows, load_documents
-    from llmsparse.models import DEMO_TEXT, load_model
-    from llmsparse.moe_finetune import finetune_moe
+    from conftest import load_pair
 
-    model, tok = load_model(str(need(STORIES)))
+    from llmsparse.data.calibration import calibration_windows, load_documents
+    from llmsparse.data.demo import DEMO_TEXT
+    from llmsparse.moe.finetune import finetune_moe
+
+    model, tok = load_pair(str(need(STORIES)))
     windows = calibration_windows(tok, load_documents(str(DEMO_TEXT)), 16, 64, seed=0)
     report = moefy(model, tok, calibration=windows, device="cpu", progress=False, experts=8, shared=2, top_k=3)
 
@@ -415,17 +424,20 @@ def test_stories260k_finetune_lowers_the_loss_and_reloads(tmp_path):
     assert loss() < 0.9 * untrained
     ids = windows[:2]
     expected = model(ids).logits
-    save_moefied(model, tok, tmp_path / "moe", report)
-    assert json.loads((tmp_path / "moe" / "moefy.json").read_text())["finetune"]["steps"] == 10
+    llmsparse.save(model, tmp_path / "moe", tok, manifest={"moefy": report.to_json()})
+    assert json.loads((tmp_path / "moe" / MANIFEST).read_text())["moefy"]["finetune"]["steps"] == 10
     assert torch.equal(llmsparse.load(tmp_path / "moe")(ids).logits, expected)
 
 
 def test_finetune_windows_are_a_fresh_draw_unless_asked_for_the_calibration_ones():
-    from llmsparse.data import calibration_windows, load_documents
-    from llmsparse.models import DEMO_TEXT, load_model
-    from llmsparse.moe import MoefyConfig, finetune_windows
+    from conftest import load_pair
 
-    _, tok = load_model(str(need(STORIES)))
+    from llmsparse.data.calibration import calibration_windows, load_documents
+    from llmsparse.data.demo import DEMO_TEXT
+    from llmsparse.moe.config import MoefyConfig
+    from llmsparse.moe.convert import finetune_windows
+
+    _, tok = load_pair(str(need(STORIES)))
     config = MoefyConfig(calib=str(DEMO_TEXT), nsamples=6, seqlen=48, finetune_steps=5, finetune_batch_size=3)
     calibration = calibration_windows(tok, load_documents(config.calib), 6, 48, seed=0)
     fresh = finetune_windows(tok, config, calibration)
@@ -436,7 +448,7 @@ def test_finetune_windows_are_a_fresh_draw_unless_asked_for_the_calibration_ones
     assert finetune_windows(tok, reuse, calibration) is calibration
     with pytest.raises(LlmsparseError, match="needs a tokenizer"):
         finetune_windows(None, config, calibration)
-    with pytest.raises(LlmsparseError, match="--finetune-data must be one of fresh, calibration"):
+    with pytest.raises(LlmsparseError, match="unknown --finetune-data 'c4': choose one of fresh, calibration"):
         MoefyConfig(finetune_data="c4")
 
 
@@ -453,7 +465,7 @@ def test_cli_demo_writes_report_and_prints_it(tmp_path, capsys):
     printed = capsys.readouterr()
     text = printed.out + printed.err
     assert "bundled stories260K" in text and "of FFN parameters" in text and "fine-tuned experts" in text
-    body = json.loads((out / "moefy.json").read_text())
+    body = json.loads((out / MANIFEST).read_text())["moefy"]
     totals = body["totals"]
     assert totals["ffn_params_active_per_token"] < totals["ffn_params_dense_per_token"]
     assert totals["ffn_flops_active_per_token"] < totals["ffn_flops_dense_per_token"]

@@ -1,6 +1,6 @@
 """Benchmark sections of a shared Markdown file: each writer replaces only its own."""
 
-from llmsparse.outputs import write_section
+from llmsparse.core.outputs import write_section
 
 
 def test_write_section_creates_appends_and_replaces_only_its_own(tmp_path):

@@ -2,14 +2,13 @@
 
 import pytest
 import torch
+from conftest import SMOLLM_DIR, SMOLLM_GGUF, STORIES, TEXT, load_pair, need
 
 import llmsparse
-from llmsparse.checkpoint import save_pruned
-from llmsparse.data import calibration_windows
-from llmsparse.models import load_model
-from llmsparse.perplexity import perplexity, tokenize_text
-
-from conftest import SMOLLM_DIR, SMOLLM_GGUF, STORIES, TEXT, need
+from llmsparse.checkpoint.save import save
+from llmsparse.data.calibration import calibration_windows
+from llmsparse.data.text import tokenize_text
+from llmsparse.evaluation.perplexity import perplexity
 
 
 def split_text():
@@ -25,7 +24,7 @@ def test_stories_perplexity_orders_as_expected(target):
     calib_text, eval_text = split_text()
     ppl = {}
     for method in ("dense", "magnitude", "wanda", "sparsegpt"):
-        model, tok = load_model(str(need(STORIES)))
+        model, tok = load_pair(str(need(STORIES)))
         if method != "dense":
             windows = calibration_windows(tok, [calib_text], 32, 128, seed=0)
             llmsparse.prune(model, tok, calibration=windows, method=method, progress=False, device="cpu", **target)
@@ -38,12 +37,12 @@ def test_gguf_model_prunes_saves_and_reloads_in_plain_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
     gguf = need(SMOLLM_DIR / SMOLLM_GGUF)
-    model, tok = load_model(str(gguf))
+    model, tok = load_pair(str(gguf))
     assert next(model.parameters()).dtype == torch.float32
     windows = calibration_windows(tok, [need(TEXT / "tinystories_sample.txt").read_text()], 2, 16, seed=0)
     report = llmsparse.prune(model, tok, calibration=windows, method="magnitude", sparsity=0.5, progress=False,
                              device="cpu")
-    out = save_pruned(model, tok, tmp_path / "smol", report.to_json())
+    out = save(model, tmp_path / "smol", tok, manifest=report.to_json())
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert getattr(reloaded.config, "quantization_config", None) is None
     ids = tok("The capital of France is", return_tensors="pt").input_ids

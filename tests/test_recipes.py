@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ASSETS, STORIES, need
-from llmsparse.errors import LlmsparseError
-from llmsparse.models import DEMO_MODEL, DEMO_TEXT
-from llmsparse.recipe_steps import folder_format
-from llmsparse.recipes import load_recipe, parse_recipe, run_recipe
+
+import llmsparse
+from llmsparse.core.errors import LlmsparseError
+from llmsparse.core.folders import folder_format
+from llmsparse.data.demo import DEMO_MODEL, DEMO_TEXT
+from llmsparse.workflows.recipes import load_recipe, parse_recipe
+from llmsparse.workflows.run_recipe import run_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
@@ -50,16 +52,14 @@ BAD = [
     ("steps:\n  - prune:\n      allocation: owl\n      owl_lambda: 1.5\n",
      r"line 4: prune.owl_lambda: --owl-lambda 1.5 with sparsity 0.5 would ask some layers for sparsity 2"),
     ("steps:\n  - prune:\n      ignore: '*.down_proj'\n", r"line 3: prune.ignore must be a list of strings"),
-    ("steps:\n  - export:\n      format: zip\n", r"line 3: export.format must be one of dense, compact"),
+    ("steps:\n  - export:\n      format: zip\n", r"line 3: export.format: unknown --format 'zip': choose one of dense, compact"),
     ("steps:\n  - moefy:\n      experts: 8\n      shared: 2\n      top_k: 8\n", r"line 5: moefy.top_k: --top-k must be in \[1, 6\]"),
     ("steps:\n  - moefy:\n      experts: 8\n      shared: 8\n", r"line 4: moefy.shared: --shared must be in \[0, --experts\)"),
     ("steps:\n  - finetune:\n      lora: maybe\n", r"line 3: finetune.lora must be an integer, got 'maybe'"),
     ("steps:\n  - finetune:\n      max_steps: 5\n", r"line 3: unknown key 'max_steps' in the finetune step \(did you mean 'steps'\?\)"),
     ("steps:\n  - finetune:\n      data: t.txt\n", r"line 2: the finetune step needs steps"),
-    ("steps:\n  - prune:\n      save_format: zip\n", r"line 3: prune.save_format must be one of dense, compact"),
-    ("steps:\n  - moefy: {}\n  - export: {format: compact}\n", r"line 3: export after moefy"),
-    ("steps:\n  - moefy: {}\n  - prune:\n      save_format: compact\n", r"line 4: prune.save_format after moefy"),
-    ("steps:\n  - eval:\n      limit: 0\n", r"line 3: eval.limit must be ≥ 1, got 0"),
+    ("steps:\n  - prune:\n      save_format: zip\n", r"line 3: prune.save_format: unknown --save-format 'zip'"),
+    ("steps:\n  - eval:\n      limit: 0\n", r"line 3: eval.limit: --limit must be a positive integer, got 0"),
     ("steps:\n  - eval:\n      tasks: arc_easy\n      tasks: piqa\n", r"line 4: duplicate key 'tasks' in the eval step \(first at line 3\)"),
     ("steps:\n  - evaluate: {}\n", r"line 2: unknown step 'evaluate' in the steps"),
     ("name: x\nstep:\n  - prune: {}\n", r"line 2: unknown key 'step' in the recipe \(did you mean 'steps'\?\)"),
@@ -110,7 +110,7 @@ def _zeros(folder) -> dict:
 
 def test_prune_export_compact_finetune_eval_runs_and_resumes(tmp_path, capsys):
     import llmsparse
-    from llmsparse.sparse import SparseLinear
+    from llmsparse.inference.sparse_linear import SparseLinear
 
     need(ASSETS / "bench")
     recipe_text = f"""
@@ -184,8 +184,8 @@ steps:
 
 
 def test_shipped_moefy_recipe_runs_and_later_steps_load_the_moefied_folder(tmp_path):
-    from llmsparse.evaluate import load_for_eval
-    from llmsparse.moe_modeling import MoeFFN
+    from llmsparse.moe.modeling import MoeFFN
+    from llmsparse.workflows.load import open_model
 
     text = str(DEMO_TEXT)
     recipe = load_recipe(REPO / "recipes" / "moefy-50.yaml", [
@@ -195,8 +195,9 @@ def test_shipped_moefy_recipe_runs_and_later_steps_load_the_moefied_folder(tmp_p
     folders = run_recipe(recipe, str(DEMO_MODEL), tmp_path / "run", device="cpu", progress=False)
     assert [f.name for f in folders] == ["01-moefy", "02-finetune", "03-eval"]
     for folder in folders[:2]:
-        assert folder_format(folder) == "moefy"
-        model, tokenizer, manifest = load_for_eval(folder)
+        assert folder_format(folder) == "moefied"
+        opened = open_model(folder)
+        model, tokenizer, manifest = opened.model, opened.tokenizer, opened.manifest
         moes = [m for m in model.modules() if isinstance(m, MoeFFN)]
         assert len(moes) == 5 and {(m.top_k, len(m.experts)) for m in moes} == {(4, 12)}
         assert manifest["moefy"]["settings"]["experts"] == 16 and tokenizer is not None
@@ -210,20 +211,23 @@ def test_shipped_moefy_recipe_runs_and_later_steps_load_the_moefied_folder(tmp_p
     dense_ppl, moe_ppl = (m["perplexity"]["ppl"] for m in results["models"])
     assert moe_ppl > dense_ppl  # half of each FFN skipped costs some perplexity
 
-    # a moefied folder is pruned as it is and saved moefied, zeros and all; exporting it is refused
+    # a moefied folder is pruned as it is and saved moefied, zeros and all; exported compact, it stays moefied
     prune = parse_recipe(f"steps:\n  - prune: {{method: wanda, sparsity: 0.5, calib: {text}, nsamples: 2, "
                          "seqlen: 32}\n")
     (pruned,) = run_recipe(prune, str(folders[0]), tmp_path / "pruned", device="cpu", progress=False)
-    model, _, manifest = load_for_eval(pruned)
-    assert folder_format(pruned) == "moefy" and "moefy" in manifest
+    opened = open_model(pruned)
+    model, manifest = opened.model, opened.manifest
+    assert folder_format(pruned) == "moefied" and "moefy" in manifest
     expert_names = [n for n in manifest["modules"] if ".experts." in n]
     assert len(expert_names) == 5 * 12 * 3  # every routed expert's three projections were pruned
     for name, entry in manifest["modules"].items():
         weight = model.get_submodule(name).weight
         assert int((weight == 0).sum()) == entry["zeros"] >= weight.numel() // 2 - weight.shape[0]
     export = parse_recipe("steps:\n  - export: {format: compact}\n")
-    with pytest.raises(LlmsparseError, match="is a moefied model.*remove the export step"):
-        run_recipe(export, str(folders[0]), tmp_path / "export", progress=False)
+    (exported,) = run_recipe(export, str(pruned), tmp_path / "export", progress=False)
+    assert folder_format(exported) == "moefied"
+    ids = torch.randint(0, 512, (1, 24))
+    torch.testing.assert_close(llmsparse.load(exported)(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_a_changed_step_reruns_with_every_later_step(tmp_path):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from llmsparse.masks import Pattern
-from llmsparse.methods import get_method, get_refiners
-from llmsparse.methods.refit import refit_weights
-from llmsparse.stats import InputStats
+from llmsparse.calibration.stats import InputStats
+from llmsparse.pruning.methods import METHODS
+from llmsparse.pruning.pattern import Pattern
+from llmsparse.pruning.refine import get_refiners
+from llmsparse.pruning.refine.refit import refit_weights
 
 
 def layer(rows=24, cols=40, tokens=400, seed=0):
@@ -46,7 +47,7 @@ def test_refit_after_sparsegpt_keeps_the_mask_and_lowers_the_error():
     stats = InputStats(x.shape[1], "cpu", {"hessian", "moments"})
     stats.add(x)
     for pattern in (Pattern(sparsity=0.7), Pattern(n=2, m=4)):
-        base = get_method("sparsegpt").solve(w0, stats, pattern)
+        base = METHODS.build("sparsegpt").solve(w0, stats, pattern)
         (refit,) = get_refiners("refit", iters=10)
         refined, info = refit.refine(w0, base, stats, pattern)
         assert torch.equal(refined.keep, base.keep)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import ASSETS, STORIES, load_pair, need, random_tokens
 
-from conftest import ASSETS, STORIES, need, random_tokens
-from llmsparse.report import fmt_metric, render_markdown, task_metrics
+from llmsparse.evaluation.report import fmt_metric, render_markdown, task_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -73,14 +73,14 @@ def test_markdown_table_rows_and_models():
 @pytest.fixture
 def pruned_stories(tmp_path):
     """stories260K pruned by magnitude to 50% and saved with its llmsparse.json."""
-    from llmsparse import load_model, prune
-    from llmsparse.checkpoint import save_pruned
+    from llmsparse import prune
+    from llmsparse.checkpoint.save import save
 
-    model, tokenizer = load_model(str(need(STORIES)))
+    model, tokenizer = load_pair(str(need(STORIES)))
     report = prune(model, tokenizer, method="magnitude", sparsity=0.5, calibration=random_tokens(2, 16, vocab=512),
                    device="cpu", progress=False)
     folder = tmp_path / "stories-magnitude-50"
-    save_pruned(model, tokenizer, folder, {"model": str(STORIES), **report.to_json()})
+    save(model, folder, tokenizer, manifest={"model": str(STORIES), **report.to_json()})
     return folder
 
 
@@ -131,5 +131,5 @@ def test_cli_eval_refuses_bad_input_without_output(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nope"), "--tasks", "arc_easy", "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["eval", str(need(STORIES)), "--tasks", "arc_easy", "--limit", "0", "--out", str(out)]) == 2
-    assert "limit must be an integer ≥ 1" in capsys.readouterr().err
+    assert "--limit must be a positive integer" in capsys.readouterr().err
     assert not out.exists()

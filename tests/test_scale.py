@@ -5,14 +5,13 @@ import json
 
 import pytest
 import torch
+from conftest import load_pair, random_tokens
 from safetensors.torch import load_file
 
 import llmsparse
+from llmsparse.calibration.resume import LayerCheckpoint
 from llmsparse.cli import main
-from llmsparse.models import DEMO_MODEL, DEMO_TEXT, load_model
-from llmsparse.resume import LayerCheckpoint
-
-from conftest import random_tokens
+from llmsparse.data.demo import DEMO_MODEL, DEMO_TEXT
 
 ARGS = ["--calib", str(DEMO_TEXT), "--nsamples", "8", "--seqlen", "64", "--quiet"]
 
@@ -32,7 +31,9 @@ def test_resume_after_a_kill_is_byte_identical(tmp_path, monkeypatch, kill_at):
     assert run_cli(reference) == 0
 
     out = tmp_path / "resumed"
-    commit, solve = LayerCheckpoint.commit, llmsparse.methods.SparseGPT.solve
+    from llmsparse.pruning.methods.sparsegpt import SparseGPT
+
+    commit, solve = LayerCheckpoint.commit, SparseGPT.solve
     calls = {"solve": 0}
 
     def dying_commit(self, index, layer, hidden):
@@ -49,7 +50,7 @@ def test_resume_after_a_kill_is_byte_identical(tmp_path, monkeypatch, kill_at):
     if kill_at == "after_commit_1":
         monkeypatch.setattr(LayerCheckpoint, "commit", dying_commit)
     else:
-        monkeypatch.setattr(llmsparse.methods.SparseGPT, "solve", dying_solve)
+        monkeypatch.setattr(SparseGPT, "solve", dying_solve)
     with pytest.raises(Killed):
         run_cli(out)
     assert not out.exists()
@@ -114,12 +115,12 @@ def _prune(model, **kw):
 def test_disk_offloaded_device_map_prunes_like_in_memory(tmp_path):
     """Layers 2 and 3 live on disk (accelerate hooks); the pruned weights equal the in-memory run's, and the
     checkpoint the user loaded from is not modified."""
-    reference = _prune(load_model(str(DEMO_MODEL))[0])
+    reference = _prune(load_pair(str(DEMO_MODEL))[0])
     before = (DEMO_MODEL / "model.safetensors").read_bytes()
     device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
                   "model.layers.0": "cpu", "model.layers.1": "cpu", "model.layers.2": "disk",
                   "model.layers.3": "disk", "model.layers.4": "cpu"}
-    model, _ = load_model(str(DEMO_MODEL), device_map=device_map, offload_folder=tmp_path / "offload")
+    model, _ = load_pair(str(DEMO_MODEL), device_map=device_map, offload_folder=tmp_path / "offload")
     assert model.model.layers[2].self_attn.q_proj.weight.device.type == "meta"
     _prune(model)
     assert model.model.layers[2].self_attn.q_proj.weight.device.type == "meta"
@@ -135,8 +136,8 @@ def test_disk_offloaded_device_map_prunes_like_in_memory(tmp_path):
 
 
 def test_activations_on_disk_give_identical_weights():
-    a = _prune(load_model(str(DEMO_MODEL))[0])
-    b = _prune(load_model(str(DEMO_MODEL))[0], offload_activations=True)
+    a = _prune(load_pair(str(DEMO_MODEL))[0])
+    b = _prune(load_pair(str(DEMO_MODEL))[0], offload_activations=True)
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(pa, pb), name
 
@@ -171,7 +172,7 @@ def test_placement_follows_accelerate_for_accelerators_and_device_otherwise():
     layer whose hook executes on the CPU (CPU or disk offload without a GPU) or a plain layer runs on ``device``."""
     from types import SimpleNamespace
 
-    from llmsparse.engine import placement
+    from llmsparse.calibration.engine import placement
 
     layer = torch.nn.Sequential(torch.nn.Linear(4, 4))
     assert placement(layer, torch.device("cpu")) == torch.device("cpu")

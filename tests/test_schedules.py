@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from llmsparse.errors import LlmsparseError
-from llmsparse.masks import Pattern, check_nm
-from llmsparse.schedules import GradualPruning, PruneAndGrow, drop_and_grow, gradual_keep
+from llmsparse.core.errors import LlmsparseError
+from llmsparse.pruning.masks import check_nm
+from llmsparse.pruning.pattern import Pattern
+from llmsparse.training.schedules import GradualPruning, PruneAndGrow, drop_and_grow, gradual_keep
 
 
 def test_cubic_schedule_values_and_pruning_steps():
@@ -92,7 +93,7 @@ def test_gradual_keep_nm_intermediate_and_final():
     assert check_nm(final, 2, 4) and (final.sum(1) == 16).all()
     assert not (final & ~half).any()
     # The intermediate step prunes only what the N:M selection of the same scores would drop.
-    from llmsparse.masks import nm_mask
+    from llmsparse.pruning.masks import nm_mask
 
     assert not (~half & nm_mask(scores, 2, 4)).any()
 

@@ -4,14 +4,14 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_model
+from llmsparse.kernels import _triton
 from torch import nn
 
-from conftest import tiny_model
 from llmsparse import SparseLinear, densify, sparsify
-from llmsparse.errors import LlmsparseError
-from llmsparse.kernels import _triton
-from llmsparse.masks import nm_mask, topk_row_mask
-from llmsparse.models import find_decoder_layers, find_targets, set_weight_matrix, weight_matrix
+from llmsparse.core.errors import LlmsparseError
+from llmsparse.models.structure import find_decoder_layers, find_targets, set_weight_matrix, weight_matrix
+from llmsparse.pruning.masks import nm_mask, topk_row_mask
 
 
 def pruned_linear(rows=37, cols=100, pattern="2:4", bias=True, dtype=torch.float32):

@@ -7,16 +7,15 @@ import json
 
 import pytest
 import torch
+from conftest import STORIES, TEXT, load_pair, need
 from safetensors.torch import load_file
 from torch.nn.utils import parametrize
 
-from conftest import STORIES, TEXT, need
 from llmsparse import GradualPruning, PruneAndGrow, SparsityCallback, merge_lora
-from llmsparse.errors import LlmsparseError
-from llmsparse.masks import check_nm
-from llmsparse.models import load_model
-from llmsparse.pruner import prune
-from llmsparse.training import sparse_targets
+from llmsparse.core.errors import LlmsparseError
+from llmsparse.pruning.masks import check_nm
+from llmsparse.pruning.prune import prune
+from llmsparse.training.masks import sparse_targets
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +29,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def text_ids():
-    _, tokenizer = load_model(str(need(STORIES)))
+    _, tokenizer = load_pair(str(need(STORIES)))
     ids = tokenizer((need(TEXT) / "tinystories_sample.txt").read_text(), return_tensors="pt").input_ids[0]
     return ids[: ids.numel() // 64 * 64].view(-1, 64)
 
@@ -38,7 +37,7 @@ def text_ids():
 @pytest.fixture(scope="module")
 def pruned(text_ids):
     """stories260K pruned by Wanda to 50% on the sample (module-scoped; tests deep-copy it)."""
-    model, tokenizer = load_model(str(need(STORIES)))
+    model, tokenizer = load_pair(str(need(STORIES)))
     prune(model, tokenizer, method="wanda", sparsity=0.5, calibration=text_ids[:8], device="cpu", progress=False)
     return model
 
@@ -146,7 +145,7 @@ def test_masks_from_manifest_only_cover_listed_modules(pruned, text_ids, tmp_pat
 
 def test_gradual_checkpoints_follow_the_schedule(text_ids, tmp_path):
     """Every saved checkpoint holds rows × round(cols · s(t)) zeros per module, s from Zhu & Gupta's formula."""
-    model, _ = load_model(str(need(STORIES)))
+    model, _ = load_pair(str(need(STORIES)))
     schedule = GradualPruning(final_sparsity=0.6, initial_sparsity=0.0, start_step=2, end_step=10, frequency=3)
     callback = SparsityCallback(schedule=schedule)
     train(model, text_ids, tmp_path, 12, [callback], save_strategy="steps", save_steps=2, learning_rate=1e-3)
@@ -172,7 +171,7 @@ def callback_logs(callback, tmp_path):
 def test_gradual_wanda_2of4_ends_on_the_pattern(text_ids, tmp_path):
     masks = {}
     for score in ("wanda", "magnitude"):
-        model, _ = load_model(str(need(STORIES)))
+        model, _ = load_pair(str(need(STORIES)))
         callback = SparsityCallback(schedule=GradualPruning(pattern="2:4", start_step=1, end_step=6, frequency=2,
                                                             score=score))
         train(model, text_ids, tmp_path, 7, [callback], learning_rate=1e-3)
@@ -227,7 +226,7 @@ def test_lora_merge_keeps_the_zeros(pruned, text_ids, tmp_path):
 def test_refusals(pruned, text_ids, tmp_path):
     with pytest.raises(LlmsparseError, match="no llmsparse.json"):
         SparsityCallback(tmp_path)
-    dense, _ = load_model(str(need(STORIES)))
+    dense, _ = load_pair(str(need(STORIES)))
     with pytest.raises(LlmsparseError, match="no pruned weights"):
         SparsityCallback().setup(dense)
     allowed = SparsityCallback(allow_empty=True)  # finetune(allow_dense=True): e.g. a moefied model in a recipe
@@ -252,8 +251,8 @@ def test_cli_finetune_writes_a_pruned_folder(tmp_path):
                  "--nsamples", "8", "--seqlen", "64", "--out", str(src), "--quiet"]) == 0
     assert main(["finetune", str(src), "--data", sample, "--steps", "6", "--seqlen", "64", "--batch-size", "4",
                  "--grad-accum", "2", "--lr", "3e-3", "--out", str(out), "--quiet"]) == 0
-    before, _ = load_model(str(src))
-    after, _ = load_model(str(out))
+    before, _ = load_pair(str(src))
+    after, _ = load_pair(str(out))
     old, new = zeros_of(before), zeros_of(after)
     assert all(torch.equal(old[n], new[n]) for n in old)
     changed = sum(int((a.weight != b.weight).sum()) for a, b in zip(sparse_targets(before).values(),
@@ -270,19 +269,19 @@ def test_cli_finetune_writes_a_pruned_folder(tmp_path):
 
 
 def test_cli_finetune_lora_and_bad_input(tmp_path, pruned, capsys):
-    from llmsparse.checkpoint import save_pruned
+    from llmsparse.checkpoint.save import save
     from llmsparse.cli import main
 
-    _, tokenizer = load_model(str(need(STORIES)))
+    _, tokenizer = load_pair(str(need(STORIES)))
     src, out = tmp_path / "pruned", tmp_path / "tuned"
-    save_pruned(pruned, tokenizer, src)  # no manifest: masks come from the zeros
+    save(pruned, src, tokenizer)  # no manifest: masks come from the zeros
     sample = str(need(TEXT) / "tinystories_sample.txt")
     assert main(["finetune", str(src), "--data", str(tmp_path / "missing.txt"), "--steps", "2",
                  "--out", str(out), "--quiet"]) == 2
     assert "llmsparse: error:" in capsys.readouterr().err and not out.exists()
     assert main(["finetune", str(src), "--data", sample, "--steps", "3", "--seqlen", "64", "--lora", "4",
                  "--lr", "1e-2", "--out", str(out), "--quiet"]) == 0
-    after, _ = load_model(str(out))
+    after, _ = load_pair(str(out))
     old, new = zeros_of(pruned), zeros_of(after)
     assert all(torch.equal(old[n], new[n]) for n in old)
     manifest = json.loads((out / "llmsparse.json").read_text())
