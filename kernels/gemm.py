@@ -152,8 +152,8 @@ def balanced_gemv(x_ptr, wv_ptr, wlo_ptr, whi_ptr, bias_ptr, out_ptr,
                   N, K, w_len, v_per_split,
                   stride_xm, stride_wv, stride_lo, stride_hi, stride_om,
                   HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, KEEP: tl.constexpr, BLOCK: tl.constexpr,
-                  BITS: tl.constexpr, HI_BITS: tl.constexpr, BLOCK_N: tl.constexpr, VALUES: tl.constexpr,
-                  UNROLL: tl.constexpr):
+                  BITS: tl.constexpr, HI_BITS: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_N: tl.constexpr,
+                  VALUES: tl.constexpr, UNROLL: tl.constexpr):
     """Grid (row blocks of W, value splits, rows of x): each stored value gathers the one x element it multiplies.
 
     A sub-step covers ``VALUES`` stored values of ``BLOCK_N`` rows, one group of 8 per thread (``BLOCK_N * VALUES
@@ -161,9 +161,12 @@ def balanced_gemv(x_ptr, wv_ptr, wlo_ptr, whi_ptr, bias_ptr, out_ptr,
     sub-steps from pointers computed once. A sub-step is ``VALUES / KEEP`` whole blocks, so a value's block (the
     column its offset counts from) is a compile-time constant. Rows past N are clamped to the last row (read, never
     stored), so the loads need no row mask. Every iteration but a row's last lies in whole blocks inside K and runs
-    without masks; the last (masked) is peeled off the loop.
+    without masks; the last (masked) is peeled off the loop. ``ROW_ALIGN``: the values' row stride is a multiple
+    of it (8 when ``keep`` is), which the JIT's 16-divisibility specialisation would not tell the compiler: without
+    it a row of 4248 values (K = 14336 at 8:27) loses its 16-byte loads.
     """
     GROUPS: tl.constexpr = VALUES // 8
+    stride_wv = (stride_wv // ROW_ALIGN) * ROW_ALIGN  # exact (plan checks it); tells the compiler the alignment
     STEP: tl.constexpr = VALUES * UNROLL
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)

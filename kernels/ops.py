@@ -279,7 +279,7 @@ def _plan_balanced(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None,
     kwargs = dict(N=rows, K=cols, w_len=v_len, v_per_split=per_split, stride_xm=x2.stride(0),
                   stride_wv=w.strides[0], stride_lo=w.strides[1], stride_hi=w.strides[2], stride_om=out.stride(0),
                   HAS_BIAS=bias is not None, ATOMIC=atomic, KEEP=w.keep, BLOCK=w.block, BITS=w.bits,
-                  HI_BITS=w.hi_bits)
+                  HI_BITS=w.hi_bits, ROW_ALIGN=8 if w.strides[0] % 8 == 0 else 1)
     args = (x2, *w.ptrs, bias.contiguous() if bias is not None else x2, out)
     grid = lambda meta: (-(-rows // meta["BLOCK_N"]), splits, m)  # noqa: E731
     return Launch(tuner, grid, args, kwargs, config, out, atomic)

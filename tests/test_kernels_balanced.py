@@ -133,10 +133,10 @@ SMALL = [dict(BLOCK_N=4, VALUES=64, UNROLL=2, num_warps=1, v_per_split=128),  # 
 
 
 @kernels
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("keep,block,rows,cols", [(8, 27, 37, 300), (8, 27, 9, 270), (16, 32, 11, 128),
-                                                  (16, 53, 5, 420), (2, 20, 6, 130)])
-def test_balanced_gemv_matches_dense_math(dtype, keep, block, rows, cols):
+@pytest.mark.parametrize("keep,block,rows,cols,dtype", [
+    (8, 27, 37, 300, torch.bfloat16), (8, 27, 37, 300, torch.float32), (8, 27, 9, 270, torch.float16),
+    (16, 32, 11, 128, torch.bfloat16), (16, 53, 5, 420, torch.float32), (2, 20, 6, 130, torch.bfloat16)])
+def test_balanced_gemv_matches_dense_math(keep, block, rows, cols, dtype):
     """Rows and K off every block; the last block partial (zero fill pointing past K) or whole; one or many steps,
     one or two splits; M = 1 and M > 1 (one program column per x row); with and without bias."""
     w, mask = weight_and_mask(rows, cols, 1 - keep / block, block, dtype, seed=keep + block)

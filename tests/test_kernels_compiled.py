@@ -1,8 +1,9 @@
 """Compile-only CI checks of the GPU code paths (sm_90, without a GPU): what the interpreter cannot see.
 
 One subprocess compiles the first config of every bf16 path for a Llama-3-8B shape (2:4 and bitmap at M = 1, 16,
-2048, the balanced gemv), with a bias, about 20 s. The figures are compile-time facts (SASS instruction counts,
-format bytes), not speeds.
+2048, the balanced gemv), with a bias, about 20 s; another every candidate config of the balanced gemv (any may win
+the autotuning) for the down-projection shape, whose rows of stored values are not 16-aligned. The figures
+are compile-time facts (SASS instruction counts, format bytes), not speeds.
 """
 
 import json
@@ -19,15 +20,23 @@ needs_ptxas = pytest.mark.skipif(not _triton.HAS_TRITON or not sys.platform.star
                                  reason="needs Triton's bundled ptxas (Linux wheel)")
 
 
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
+def inspect(tmp_path_factory, *args):
     out = tmp_path_factory.mktemp("inspect") / "variants.json"
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    done = subprocess.run([sys.executable, "-m", "llmsparse.kernels.inspect_kernels", "--shapes", "4096x4096",
-                           "--m", "1,16,2048", "--first", "--bias", "--json", str(out)],
+    done = subprocess.run([sys.executable, "-m", "llmsparse.kernels.inspect_kernels", *args, "--json", str(out)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())["variants"], done.stdout
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    return inspect(tmp_path_factory, "--shapes", "4096x4096", "--m", "1,16,2048", "--first", "--bias")
+
+
+@pytest.fixture(scope="module")
+def balanced(tmp_path_factory):
+    return inspect(tmp_path_factory, "--formats", "balanced", "--shapes", "4096x14336", "--m", "1")
 
 
 def by(variants, fmt, path):
@@ -72,12 +81,18 @@ def test_no_tl_where_promotes_its_operands(compiled):
 
 
 @needs_ptxas
-def test_balanced_decode_path_meets_the_instruction_budget(compiled):
-    """Issue 18: the unstructured decode path issues at most 4 SASS instructions per dense weight at 70%."""
+def test_balanced_decode_path_meets_the_instruction_budget(compiled, balanced):
+    """Issue 18: the unstructured decode path issues at most 4 SASS instructions per dense weight at 70%, whichever
+    config the autotuner picks; K = 14336 gives rows of 4248 stored values (not 16-aligned, which once cost the
+    16-byte loads), K = 4096 (1216) is the first config of the other fixture."""
+    variants, table = balanced
+    assert len(variants) == 5
+    for v in variants:
+        assert v["instructions_per_weight"] <= ik.BUDGET, (v["label"], v["loop_ops"])
+        assert v["local_bytes"] == 0 and v["spill_ops"] == 0, v["label"]
+        assert v["bytes_per_weight"] < 2 / 2.3  # the byte ceiling of the 2.3x goal over bf16 dense
     variants, table = compiled
-    v = by(variants, "balanced", "gemv")
-    assert v["instructions_per_weight"] <= ik.BUDGET, v["loop_ops"]
-    assert v["bytes_per_weight"] < 2 / 2.3  # the byte ceiling of the 2.3x goal over bf16 dense
+    assert by(variants, "balanced", "gemv")["instructions_per_weight"] <= ik.BUDGET
     bitmap = by(variants, "bitmap", "gemv")
     assert bitmap["instructions_per_weight"] > ik.BUDGET  # what the new path is for
     assert "| instructions / dense weight | bytes / dense weight |" in table
