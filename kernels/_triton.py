@@ -18,8 +18,10 @@ try:
     import triton
     import triton.language as tl
     from triton.language.extra import libdevice
+    from triton.runtime.errors import InterpreterError
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = tl = libdevice = None
+    InterpreterError = RuntimeError
 
 HAS_TRITON = triton is not None
 
@@ -63,18 +65,48 @@ def split_k(row_blocks: int, k_len: int, sms: int, unit: int, min_units: int = 2
     return -(-steps // splits) * unit
 
 
+# NumPy 2.4 made int() of a one-element array an error; Triton 3.6's interpreter does exactly that for every
+# run-time scalar that reaches range() (triton-lang/triton#9171, fixed in later releases by a squeeze).
+_NUMPY_SCALAR = "only 0-dimensional arrays can be converted to Python scalars"
+
+
+def launch(kernel, grid, args: tuple, meta: dict) -> None:
+    """``kernel[grid](*args, **meta)``, turning the Triton 3.6 interpreter's NumPy 2.4 failure into a clear error.
+
+    Every loop with a run-time bound fails there, so no kernel construct avoids it short of giving up ``scf.for``
+    (and with it software pipelining) on the GPU; the interpreter needs NumPy < 2.4 or a newer Triton instead.
+    """
+    try:
+        kernel[grid](*args, **meta)
+    except InterpreterError as e:
+        if _NUMPY_SCALAR not in str(e):
+            raise
+        raise LlmsparseError(f"Triton {triton.__version__}'s interpreter cannot run loops with NumPy "
+                             f"{_numpy_version()} (triton-lang/triton#9171): install 'numpy<2.4' or a newer Triton "
+                             f"for TRITON_INTERPRET=1") from e
+
+
+def _numpy_version() -> str:
+    import numpy
+
+    return numpy.__version__
+
+
 @dataclass
 class Tuner:
     """A Triton kernel with candidate configurations, autotuned per ``key`` on a GPU.
 
     ``configs`` are dicts of meta-parameters plus ``num_warps``/``num_stages``. A ``config`` passed at call time
-    (tests, benchmarks of one variant) bypasses tuning, and so does the interpreter, which runs ``configs[0]``.
+    (tests, benchmarks of one variant) bypasses tuning. The interpreter runs ``configs[0]`` unless ``do_bench`` is
+    given: Triton's own autotuner then times every config with it (``do_bench(kernel_call, quantiles)`` returning
+    ``[median, ...]``), which is how tests drive the GPU's autotuning branch, ``reset_to_zero`` included, on CPU.
     """
 
     kernel: object
     configs: list
     key: list
     reset_to_zero: list = field(default_factory=list)
+    do_bench: object = None
     _tuned: object = None
 
     def _autotuned(self):
@@ -82,17 +114,18 @@ class Tuner:
             configs = [triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
                                      num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 3))
                        for c in self.configs]
-            self._tuned = triton.autotune(configs, key=self.key, reset_to_zero=self.reset_to_zero or None)(self.kernel)
+            self._tuned = triton.autotune(configs, key=self.key, reset_to_zero=self.reset_to_zero or None,
+                                          do_bench=self.do_bench)(self.kernel)
         return self._tuned
 
     def __call__(self, grid, *args, config: dict | None = None, **kwargs) -> None:
-        if config is None and (interpreting() or len(self.configs) == 1):
+        if config is None and ((interpreting() and self.do_bench is None) or len(self.configs) == 1):
             config = self.configs[0]
         if config is not None:
             meta = {**kwargs, **config}
-            self.kernel[grid(meta)](*args, **meta)
+            launch(self.kernel, grid(meta), args, meta)
         else:
-            self._autotuned()[grid](*args, **kwargs)
+            launch(self._autotuned(), grid, args, kwargs)
 
 
 def dot_flags(dtype: torch.dtype) -> dict:

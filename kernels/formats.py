@@ -104,6 +104,37 @@ def _row_chunk(rows: int, per_row: int, step: int = 1) -> int:
     return max(step, (_CHUNK // max(per_row, 1)) // step * step)
 
 
+def _group_select(weight: torch.Tensor, keep: torch.Tensor, n: int, m: int, name: str, instead: str):
+    """Values and within-group positions of ``n`` slots per group of ``m`` columns, ``[rows, groups * n]`` each.
+
+    Kept positions fill the slots in ascending column order; a group keeping fewer than ``n`` fills the rest with
+    zeros at its lowest unused positions, so a group's positions are always distinct and sorted. Refuses a group
+    keeping more than ``n`` (the message names the format and the one to use ``instead``).
+    """
+    rows, cols = weight.shape
+    groups = -(-cols // m)
+    pad = groups * m - cols
+    values = torch.empty(rows, groups * n, dtype=weight.dtype, device=weight.device)
+    positions = torch.empty(rows, groups * n, dtype=torch.int64, device=weight.device)
+    pos = torch.arange(m, device=weight.device)
+    step = _row_chunk(rows, groups * m)
+    for r0 in range(0, rows, step):
+        w = torch.nn.functional.pad(weight[r0:r0 + step], (0, pad)).view(-1, groups, m)
+        k = torch.nn.functional.pad(keep[r0:r0 + step], (0, pad)).view(-1, groups, m)
+        if (k.sum(-1) > n).any():
+            raise LlmsparseError(f"mask does not fit {name}: some group of {m} columns keeps more than {n} "
+                                 f"(use {instead} for unstructured masks)")
+        # Kept positions sort first (by column), then the unused ones; the first n, re-sorted, are stored.
+        key = torch.where(k, pos, pos + m)
+        idx = key.topk(n, dim=-1, largest=False, sorted=True).values
+        idx = torch.where(idx >= m, idx - m, idx).sort(-1).values
+        kept = k.gather(-1, idx)
+        vals = torch.where(kept, w.gather(-1, idx), torch.zeros((), dtype=w.dtype, device=w.device))
+        values[r0:r0 + step] = vals.reshape(-1, groups * n)
+        positions[r0:r0 + step] = idx.reshape(-1, groups * n)
+    return values, positions
+
+
 def _need(tensors: dict, name: str, dtype=None, dim=None) -> torch.Tensor:
     """A tensor from a serialised format, checked for presence, dtype and rank."""
     if name not in tensors:
@@ -181,30 +212,8 @@ class NMWeight(_Format):
         """Compress ``weight`` keeping ``mask`` (default: its non-zeros); refuses more than ``n`` kept per group."""
         if not (0 < n < m <= 256):
             raise LlmsparseError(f"impossible N:M format {n}:{m}: need 0 < N < M <= 256, e.g. 2:4")
-        keep = _check_weight(weight, mask)
-        rows, cols = weight.shape
-        groups = -(-cols // m)
-        pad = groups * m - cols
-        bits = cls.index_bits(m)
-        values = torch.empty(rows, groups * n, dtype=weight.dtype, device=weight.device)
-        positions = torch.empty(rows, groups * n, dtype=torch.int64, device=weight.device)
-        pos = torch.arange(m, device=weight.device)
-        step = _row_chunk(rows, groups * m)
-        for r0 in range(0, rows, step):
-            w = torch.nn.functional.pad(weight[r0:r0 + step], (0, pad)).view(-1, groups, m)
-            k = torch.nn.functional.pad(keep[r0:r0 + step], (0, pad)).view(-1, groups, m)
-            if (k.sum(-1) > n).any():
-                raise LlmsparseError(f"mask does not fit {n}:{m}: some group of {m} columns keeps more than {n} "
-                                     f"(use the bitmap format for unstructured masks)")
-            # Kept positions sort first (by column), then the unused ones; the first n, re-sorted, are stored.
-            key = torch.where(k, pos, pos + m)
-            idx = key.topk(n, dim=-1, largest=False, sorted=True).values
-            idx = torch.where(idx >= m, idx - m, idx).sort(-1).values
-            kept = k.gather(-1, idx)
-            vals = torch.where(kept, w.gather(-1, idx), torch.zeros((), dtype=w.dtype, device=w.device))
-            values[r0:r0 + step] = vals.reshape(-1, groups * n)
-            positions[r0:r0 + step] = idx.reshape(-1, groups * n)
-        return cls(values, pack_bits(positions, bits), (rows, cols), n, m)
+        values, positions = _group_select(weight, _check_weight(weight, mask), n, m, f"{n}:{m}", "the bitmap format")
+        return cls(values, pack_bits(positions, cls.index_bits(m)), tuple(weight.shape), n, m)
 
     def positions(self) -> torch.Tensor:
         """Within-group position of every stored value, ``int64 [rows, groups * n]``."""
@@ -397,8 +406,169 @@ class BitmapWeight(_Format):
         return weight
 
 
-SparseWeight = NMWeight | BitmapWeight
-FORMATS = {NMWeight.FORMAT: NMWeight, BitmapWeight.FORMAT: BitmapWeight}
+@dataclass(eq=False)
+class BalancedWeight(_Format):
+    """Row-balanced weight: at most ``keep`` values per row in every block of ``block`` columns, small offsets.
+
+    The slots are those of an N:M format with N = ``keep`` and M = ``block`` (see ``_group_select``); what differs
+    is how the within-block offsets are stored: a nibble plane plus a narrow high plane (see module doc), so that a
+    kernel can gather each stored value's input with two or three instructions of decoding and no per-column work.
+    """
+
+    values: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor | None
+    shape: tuple[int, int]
+    keep: int
+    block: int
+
+    FORMAT = "balanced"
+    MAX_BLOCK = 256
+
+    @staticmethod
+    def offset_bits(block: int) -> int:
+        """Bits a within-block offset needs: ceil(log2 block), at least the 4 of the nibble plane."""
+        return max(4, math.ceil(math.log2(block)))
+
+    @staticmethod
+    def hi_bits(block: int) -> int:
+        """Bits of a group's code above its low 32 (8 fields of ``offset_bits``), rounded up to 8, 16 or 32."""
+        extra = 8 * BalancedWeight.offset_bits(block) - 32
+        return 0 if extra == 0 else 1 << math.ceil(math.log2(extra))
+
+    @property
+    def blocks(self) -> int:
+        return -(-self.shape[1] // self.block)
+
+    @property
+    def name(self) -> str:
+        return f"balanced {self.keep}:{self.block}"
+
+    @property
+    def density(self) -> float:
+        """Stored values per dense weight of whole blocks (``keep / block``)."""
+        return self.keep / self.block
+
+    @staticmethod
+    def check(keep: int, block: int) -> tuple[int, int]:
+        try:
+            keep, block = int(keep), int(block)
+        except (TypeError, ValueError):
+            raise LlmsparseError(f"balanced format needs integers keep and block, got {keep!r}, {block!r}") from None
+        if not (0 < keep < block <= BalancedWeight.MAX_BLOCK):
+            raise LlmsparseError(f"impossible balanced format {keep}:{block}: need 0 < keep < block <= "
+                                 f"{BalancedWeight.MAX_BLOCK}, e.g. 8:27 for 70%")
+        return keep, block
+
+    @classmethod
+    def compress(cls, weight: torch.Tensor, mask: torch.Tensor | None = None, keep: int = 8,
+                 block: int = 27) -> "BalancedWeight":
+        """Compress ``weight`` keeping ``mask`` (default: its non-zeros); refuses more than ``keep`` per block."""
+        keep, block = cls.check(keep, block)
+        values, positions = _group_select(weight, _check_weight(weight, mask), keep, block,
+                                          f"balanced {keep}:{block} blocks", "the bitmap format")
+        lo, hi = _pack_codes(positions, cls.offset_bits(block), cls.hi_bits(block))
+        return cls(values, lo, hi, tuple(weight.shape), keep, block)
+
+    def positions(self) -> torch.Tensor:
+        """Within-block offset of every stored value, ``int64 [rows, blocks * keep]``."""
+        return _unpack_codes(self.lo, self.hi, self.offset_bits(self.block), self.hi_bits(self.block),
+                             self.blocks * self.keep)
+
+    def columns(self) -> torch.Tensor:
+        """Column of every stored value, ``int64 [rows, blocks * keep]`` (past ``cols - 1`` only for zero fill)."""
+        block_of = torch.arange(self.blocks * self.keep, device=self.lo.device) // self.keep
+        return block_of * self.block + self.positions()
+
+    def decompress(self) -> torch.Tensor:
+        """The dense ``[rows, cols]`` matrix, zeros where nothing is stored."""
+        rows, cols = self.shape
+        dense = torch.zeros(rows, self.blocks * self.block, dtype=self.dtype, device=self.device)
+        dense.scatter_(1, self.columns(), self.values)
+        return dense[:, :cols].contiguous()
+
+    def nnz(self) -> int:
+        """Stored values (including zero fill of under-full blocks)."""
+        return self.values.numel()
+
+    def ideal_nbytes(self) -> int:
+        """Values plus ceil(log2 block) bits per stored value, with no padding of any kind."""
+        bits = math.ceil(math.log2(self.block))
+        return self.nnz() * self.values.element_size() + -(-self.nnz() * bits // 8)
+
+    def to(self, device=None, dtype=None) -> "BalancedWeight":
+        move = (lambda t: None if t is None else t.to(device=device))  # noqa: E731
+        return BalancedWeight(self.values.to(device=device, dtype=dtype), move(self.lo), move(self.hi), self.shape,
+                              self.keep, self.block)
+
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """``({"values", "lo"[, "hi"]}, metadata)``: what a checkpoint stores for this weight."""
+        meta = {"format": self.FORMAT, "version": FORMAT_VERSION, "shape": list(self.shape), "keep": self.keep,
+                "block": self.block, "offset_bits": self.offset_bits(self.block)}
+        tensors = {"values": self.values, "lo": self.lo}
+        if self.hi is not None:
+            tensors["hi"] = self.hi
+        return tensors, meta
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, meta: dict, check: bool = True) -> "BalancedWeight":
+        """Inverse of ``to_tensors``; ``check`` also decodes the offsets (in range, ascending in every block)."""
+        rows, cols = _check_meta(meta, cls.FORMAT)
+        try:
+            keep, block = cls.check(meta["keep"], meta["block"])
+        except KeyError:
+            raise LlmsparseError(f"balanced metadata lacks keep and block: {meta!r}") from None
+        if int(meta.get("offset_bits", cls.offset_bits(block))) != cls.offset_bits(block):
+            raise LlmsparseError(f"balanced metadata is inconsistent: {meta!r}")
+        values = _need(tensors, "values", dim=2)
+        lo = _need(tensors, "lo", torch.int32, dim=2)
+        hb = cls.hi_bits(block)
+        hi = _need(tensors, "hi", torch.int32, dim=2) if hb else None
+        count = -(-cols // block) * keep
+        groups = -(-count // 8)
+        expected = {"values": (rows, count), "lo": (rows, groups)}
+        if hb:
+            expected["hi"] = (rows, -(-groups * hb // 32))
+        got = {"values": values, "lo": lo, "hi": hi}
+        for name, shape in expected.items():
+            if tuple(got[name].shape) != shape:
+                raise LlmsparseError(f"balanced {keep}:{block} tensor {name!r} has shape {tuple(got[name].shape)}, "
+                                     f"expected {shape} for a {rows}x{cols} weight")
+        weight = cls(values, lo, hi, (rows, cols), keep, block)
+        if check and count:
+            pos = weight.positions().view(rows, -1, keep)
+            if bool((pos >= block).any()) or bool((pos[..., 1:] <= pos[..., :-1]).any()):
+                raise LlmsparseError("balanced offsets are out of range or not ascending: corrupt checkpoint")
+        return weight
+
+
+def _pack_codes(positions: torch.Tensor, bits: int, hi_bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Balanced offsets ``[rows, count]`` → the ``lo`` and ``hi`` planes of their per-group codes (module doc)."""
+    rows, count = positions.shape
+    groups = -(-count // 8)
+    fields = torch.zeros(rows, groups * 8, dtype=torch.int64, device=positions.device)
+    fields[:, :count] = positions
+    shifts = torch.arange(8, device=positions.device, dtype=torch.int64) * bits
+    code = torch.zeros(rows, groups, dtype=torch.int64, device=positions.device)
+    for q in range(8):  # bitwise OR: the top field of an 8-bit code reaches the sign bit of int64
+        code |= fields.view(rows, groups, 8)[:, :, q] << shifts[q]
+    lo = _wrap_int32(code & 0xFFFFFFFF)
+    hi = pack_bits((code >> 32) & ((1 << hi_bits) - 1), hi_bits) if hi_bits else None
+    return lo, hi
+
+
+def _unpack_codes(lo: torch.Tensor, hi: torch.Tensor | None, bits: int, hi_bits: int, count: int) -> torch.Tensor:
+    """Inverse of ``_pack_codes``: the first ``count`` offsets of each row, int64."""
+    code = _unsigned(lo)
+    if hi is not None:
+        code = code | (unpack_bits(hi, hi_bits, lo.shape[1]) << 32)
+    shifts = torch.arange(8, device=lo.device, dtype=torch.int64) * bits
+    fields = (code[:, :, None] >> shifts) & ((1 << bits) - 1)
+    return fields.reshape(lo.shape[0], -1)[:, :count]
+
+
+SparseWeight = NMWeight | BitmapWeight | BalancedWeight
+FORMATS = {cls.FORMAT: cls for cls in (NMWeight, BitmapWeight, BalancedWeight)}
 
 
 def _tile_major(t: torch.Tensor, tr: int, tc: int) -> torch.Tensor:
@@ -415,14 +585,16 @@ def _untile(tiles: torch.Tensor, tr: int, tc: int, cols: int) -> torch.Tensor:
 
 def compress(weight: torch.Tensor, mask: torch.Tensor | None = None, fmt: str = "2:4",
              tile=DEFAULT_TILE) -> SparseWeight:
-    """Compress into ``fmt``: ``"N:M"`` (e.g. ``"2:4"``) or ``"bitmap"``."""
+    """Compress into ``fmt``: ``"N:M"`` (e.g. ``"2:4"``), ``"bitmap"`` or ``"balanced:KEEP:BLOCK"`` (e.g. 8:27)."""
     text = str(fmt).strip().lower()
     if text == "bitmap":
         return BitmapWeight.compress(weight, mask, tile)
     parts = text.split(":")
+    if len(parts) == 3 and parts[0] == "balanced" and all(p.isdigit() for p in parts[1:]):
+        return BalancedWeight.compress(weight, mask, int(parts[1]), int(parts[2]))
     if len(parts) == 2 and all(p.isdigit() for p in parts):
         return NMWeight.compress(weight, mask, int(parts[0]), int(parts[1]))
-    raise LlmsparseError(f"unknown sparse format {fmt!r}: use 'bitmap' or N:M such as '2:4'")
+    raise LlmsparseError(f"unknown sparse format {fmt!r}: use 'bitmap', N:M such as '2:4' or 'balanced:8:27'")
 
 
 def from_tensors(tensors: dict, meta: dict, check: bool = True) -> SparseWeight:

@@ -18,7 +18,7 @@ import torch
 
 from ..core.errors import LlmsparseError
 from . import _triton
-from .formats import BitmapWeight, NMWeight
+from .formats import BalancedWeight, BitmapWeight, NMWeight
 
 PATHS = ("gemv", "skinny", "tiled")
 SKINNY_MAX_M = 64
@@ -32,6 +32,9 @@ _SPLIT = {  # path -> format -> (BLOCK_N or tiles, BLOCK_K or None, num_warps, n
     "skinny": {0: [(64, 128, 4, 3), (64, 64, 4, 4), (64, 256, 8, 3), (32, 128, 4, 4)],
                1: [(1, None, 4, 3), (1, None, 8, 3), (2, None, 8, 3)]},
 }
+# Balanced gemv: (BLOCK_N, VALUES, UNROLL, num_warps, num_stages). BLOCK_N * VALUES / 8 == 32 * num_warps (one
+# group of 8 values per thread per sub-step); VALUES must be a multiple of the weight's keep.
+_BALANCED = [(8, 128, 4, 4, 3), (16, 64, 4, 4, 3), (16, 128, 4, 8, 3), (8, 256, 2, 8, 3), (32, 64, 2, 8, 3)]
 _TILED = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); bitmap keeps only BLOCK_K == tile cols, BLOCK_N % tile rows
     (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 64, 64, 4, 4),
     (128, 128, 128, 8, 3), (64, 128, 128, 8, 3), (128, 128, 32, 4, 4), (64, 64, 32, 4, 4),
@@ -62,13 +65,25 @@ class KernelWeight:
             self.ptrs += (self.ptrs[0],)
             self.ints = (weight.values.shape[1], weight.indices.shape[1])
             self.strides = (self.ptrs[0].stride(0), self.ptrs[1].stride(0))
+        elif isinstance(weight, BalancedWeight):
+            if weight.keep & (weight.keep - 1) or weight.keep > 64:
+                raise LlmsparseError(f"no kernel for {weight.name}: the balanced kernel needs keep a power of two "
+                                     f"<= 64 (see kernels.balanced.balanced_shape, e.g. 8:27 for 70%)")
+            self.format, self.tile = 2, (1, 1)
+            self.keep, self.block = weight.keep, weight.block
+            self.bits, self.hi_bits = weight.offset_bits(weight.block), weight.hi_bits(weight.block)
+            hi = weight.hi if weight.hi is not None else weight.lo
+            self.ptrs = (weight.values.contiguous(), weight.lo.contiguous(), hi.contiguous())
+            self.ints = (weight.values.shape[1], 0)
+            self.strides = (self.ptrs[0].stride(0), self.ptrs[1].stride(0), self.ptrs[2].stride(0))
         elif isinstance(weight, BitmapWeight):
             self.format, self.tile = 1, weight.tile
             self.ptrs = (weight.values.contiguous(), weight.bitmap.contiguous(), weight.offsets.contiguous())
             self.ints = (weight.bitmap.shape[0], weight.offsets.shape[1])
             self.strides = (0, self.ptrs[1].stride(0))
         else:
-            raise LlmsparseError(f"sparse_linear takes an NMWeight or a BitmapWeight, got {type(weight).__name__}")
+            raise LlmsparseError(f"sparse_linear takes an NMWeight, a BitmapWeight or a BalancedWeight, got "
+                                 f"{type(weight).__name__}")
         self.shape, self.dtype, self.device = weight.shape, weight.dtype, weight.device
 
 
@@ -77,13 +92,17 @@ _TUNERS: dict = {}
 
 def _tuner(path: str, w: KernelWeight) -> "_triton.Tuner":
     """The (cached) tuner of one path and format; bitmap configs depend on the tile shape."""
-    key = (path, w.format, w.tile)
+    key = (path, w.format, w.tile, getattr(w, "keep", 0))
     if key in _TUNERS:
         return _TUNERS[key]
-    from .gemm import sparse_gemv, sparse_mm
+    from .gemm import balanced_gemv, sparse_gemv, sparse_mm
 
     tr, tc = w.tile
-    if path in _SPLIT:
+    if w.format == 2:
+        configs = [dict(BLOCK_N=bn, VALUES=vals, UNROLL=un, num_warps=nw, num_stages=ns)
+                   for bn, vals, un, nw, ns in _BALANCED if vals % w.keep == 0]
+        tuner = _triton.Tuner(balanced_gemv, configs, key=["N", "K", "v_per_split"], reset_to_zero=["out_ptr"])
+    elif path in _SPLIT:
         configs = [dict(BLOCK_N=bn if w.format == 0 else bn * tr, BLOCK_K=bk if w.format == 0 else tc,
                         num_warps=nw, num_stages=ns)
                    for bn, bk, nw, ns in _SPLIT[path][w.format] if w.format == 0 or bn == 1 or bn * tr <= 128]
@@ -173,6 +192,8 @@ def plan(x2: torch.Tensor, weight, bias: torch.Tensor | None, path: str, config:
         raise LlmsparseError(f"unknown kernel path {path!r}: use auto or one of {', '.join(PATHS)}")
     m, cols = x2.shape
     rows = w.shape[0]
+    if w.format == 2:
+        return _plan_balanced(x2, w, bias, path, config, sms)
     path = default_path(m) if path == "auto" else path
     tuner = _tuner(path, w)
     kwargs = dict(N=rows, K=cols, w_len=w.ints[0], w_words=w.ints[1], stride_xm=x2.stride(0),
@@ -219,3 +240,46 @@ def plan(x2: torch.Tensor, weight, bias: torch.Tensor | None, path: str, config:
     else:
         grid = lambda meta: (-(-m // meta["BLOCK_M"]) * -(-rows // meta["BLOCK_N"]), splits)  # noqa: E731
     return Launch(tuner, grid, (*args, out), kwargs, config, out, atomic)
+
+
+def _plan_balanced(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, path: str, config: dict | None,
+                   sms: int) -> Launch:
+    """Plan the balanced gemv (its only kernel): one program column per x row, stored values split across SMs.
+
+    ``config`` may fix ``BLOCK_N``, ``VALUES``, ``UNROLL``, ``num_warps``, ``num_stages`` and ``v_per_split``
+    (stored values per split, a multiple of ``VALUES * UNROLL``).
+    """
+    if path not in ("auto", "gemv"):
+        raise LlmsparseError(f"the balanced format has only the gemv kernel (a gather per stored value), not "
+                             f"{path!r}; large M runs dense on the decompressed weight")
+    m, cols = x2.shape
+    rows = w.shape[0]
+    if m > 65535:
+        raise LlmsparseError(f"the gemv path runs one program column per input row, at most 65535, got {m}")
+    tuner = _tuner("gemv", w)
+    if config is not None:
+        config = {**tuner.configs[0], **config}
+        per_split = config.pop("v_per_split", None)
+        candidates = [config]
+    else:
+        per_split, candidates = None, tuner.configs
+    for c in candidates:
+        if c["VALUES"] % w.keep or c["VALUES"] % 8:
+            raise LlmsparseError(f"balanced gemv needs VALUES a multiple of keep ({w.keep}) and of 8, got "
+                                 f"{c['VALUES']}")
+    unit = max(c["VALUES"] * c["UNROLL"] for c in candidates)
+    v_len = w.ints[0]
+    row_blocks = -(-rows // min(c["BLOCK_N"] for c in candidates))
+    per_split = per_split or _triton.split_k(row_blocks * m, v_len, sms, unit)
+    if per_split % unit:
+        raise LlmsparseError(f"v_per_split {per_split} must be a multiple of VALUES * UNROLL ({unit})")
+    splits = max(1, -(-v_len // per_split))
+    atomic = splits > 1
+    out = torch.zeros(m, rows, device=x2.device, dtype=torch.float32) if atomic else x2.new_empty(m, rows)
+    kwargs = dict(N=rows, K=cols, w_len=v_len, v_per_split=per_split, stride_xm=x2.stride(0),
+                  stride_wv=w.strides[0], stride_lo=w.strides[1], stride_hi=w.strides[2], stride_om=out.stride(0),
+                  HAS_BIAS=bias is not None, ATOMIC=atomic, KEEP=w.keep, BLOCK=w.block, BITS=w.bits,
+                  HI_BITS=w.hi_bits, ROW_ALIGN=8 if w.strides[0] % 8 == 0 else 1)
+    args = (x2, *w.ptrs, bias.contiguous() if bias is not None else x2, out)
+    grid = lambda meta: (-(-rows // meta["BLOCK_N"]), splits, m)  # noqa: E731
+    return Launch(tuner, grid, args, kwargs, config, out, atomic)
