@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from ..errors import LlmsparseError
+from ..core.errors import LlmsparseError
 from . import benchutil as bu
 
 SHAPES = [(4096, 4096, "Llama-3-8B q/o"), (14336, 4096, "Llama-3-8B gate/up")]
@@ -135,8 +135,9 @@ def end_to_end(tiny: bool, device, tokens: int, say) -> dict:
     """Dense, 2:4 and 70% bitmap decode of a Llama-3-8B-shaped model (a 1-layer toy under ``--tiny``)."""
     import copy
 
-    from ..models import find_decoder_layers
-    from ..sparse import SparseLinear, sparsify
+    from ..inference.sparse_linear import SparseLinear
+    from ..inference.sparsify import sparsify
+    from ..models.structure import find_decoder_layers
     from . import bench_e2e as e2e
 
     if tiny:  # a 1-layer toy: the interpreter runs every kernel of every decoded token

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ..errors import LlmsparseError
+from ..core.errors import LlmsparseError
 
 
 def balanced_shape(sparsity: float, offset_bits: int = 5) -> tuple[int, int]:

@@ -182,7 +182,7 @@ def dense_per_trip(fmt: str, meta: dict) -> float:
 
 def bytes_per_weight(fmt: str, n: int, k: int) -> float:
     """Bytes per dense weight of a real bf16 weight of ``min(n, 256)`` x ``k`` in ``fmt`` at ``SPARSITY[fmt]``."""
-    from ..masks import nm_mask, topk_row_mask
+    from ..pruning.masks import nm_mask, topk_row_mask
     from .balanced import balanced_mask
     from .formats import compress
 

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
-
-from llmsparse.errors import LlmsparseError
 from llmsparse.kernels import _triton
+
+from llmsparse.core.errors import LlmsparseError
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available() or not _triton.can_run(torch.device("cpu")),
                                 reason="CPU check of the script (needs TRITON_INTERPRET=1, set by conftest)")

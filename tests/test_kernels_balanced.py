@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
-
-from llmsparse.errors import LlmsparseError
 from llmsparse.kernels import _triton
 from llmsparse.kernels import formats as F
 from llmsparse.kernels.balanced import balanced_mask, balanced_shape, block_keep
+
+from llmsparse.core.errors import LlmsparseError
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 

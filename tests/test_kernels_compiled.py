@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-
 from llmsparse.kernels import _triton
 from llmsparse.kernels import inspect_kernels as ik
 

@@ -9,9 +9,9 @@ for an H100's SM count.
 
 import pytest
 import torch
-
-from llmsparse.errors import LlmsparseError
 from llmsparse.kernels import _triton
+
+from llmsparse.core.errors import LlmsparseError
 
 pytestmark = pytest.mark.skipif(not _triton.can_run(torch.device("cpu")) or torch.cuda.is_available(),
                                 reason="CPU interpreter checks (TRITON_INTERPRET=1, set by conftest)")
@@ -44,7 +44,8 @@ def test_other_interpreter_errors_pass_through():
 def make_weight(fmt, rows, cols, dtype=torch.bfloat16, seed=0):
     from llmsparse.kernels import formats as F
     from llmsparse.kernels.balanced import balanced_mask
-    from llmsparse.masks import nm_mask, topk_row_mask
+
+    from llmsparse.pruning.masks import nm_mask, topk_row_mask
 
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g)
