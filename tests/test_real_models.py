@@ -50,3 +50,19 @@ def test_gguf_model_prunes_saves_and_reloads_in_plain_transformers(tmp_path):
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
     q = reloaded.model.layers[3].self_attn.q_proj.weight
     assert ((q == 0).sum(1) == q.shape[1] // 2).all()
+
+
+@pytest.mark.slow
+def test_export_reads_a_gguf_file_like_every_other_source(tmp_path, capsys):
+    """`llmsparse export model.gguf` (refused before the workflows were unified) writes a folder that loads back
+    with the GGUF model's logits, tokenizer included."""
+    from llmsparse.cli import main
+
+    gguf = need(SMOLLM_DIR / SMOLLM_GGUF)
+    model, tok = load_pair(str(gguf))
+    assert main(["export", str(gguf), "--format", "dense", "--out", str(tmp_path / "smol"), "--quiet"]) == 0
+    again, tok2 = load_pair(str(tmp_path / "smol"))
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    assert torch.equal(tok2("The capital of France is", return_tensors="pt").input_ids, ids)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
