@@ -42,7 +42,9 @@ class PruneConfig:
                                                "routed to it; an expert given fewer than 64 tokens uses all tokens) "
                                                "or all (every expert sees every token)", choices=EXPERT_CALIBRATION)
     blocksize: int = option(128, "SparseGPT column block size (default 128)")
-    percdamp: float = option(0.01, "SparseGPT dampening, share of mean diag(H) (default 0.01)")
+    percdamp: float = option(0.01, "dampening of the Hessian (SparseGPT, ADMM, refit), share of mean diag(H) "
+                                   "(default 0.01)")
+    admm_iters: int = option(20, "ADMM: iterations of the rising-penalty mask search (default 20)")
     allocation: str = option("uniform", "sparsity per decoder layer: uniform, or owl (less sparsity where "
                                         "activation outliers are; unstructured only)", choices=ALLOCATIONS.names)
     owl_m: float = option(5.0, "OWL outlier threshold: scores above M x the layer mean (default 5)")
@@ -59,7 +61,7 @@ class PruneConfig:
     def __post_init__(self):
         METHODS.check(self.method)
         pattern = self.parsed_pattern()
-        for name in ("nsamples", "seqlen", "calib_batch_size", "blocksize"):
+        for name in ("nsamples", "seqlen", "calib_batch_size", "blocksize", "admm_iters"):
             check_int(name, getattr(self, name))
         if self.seqlen < 2:
             raise LlmsparseError(f"seqlen must be at least 2, got {self.seqlen}")

@@ -99,7 +99,8 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | None = None, *
         raise LlmsparseError("give either a PruneConfig or keyword settings, not both")
     device = execution_device(device)
     pattern = config.parsed_pattern()
-    method = METHODS.build(config.method, scope=config.scope, blocksize=config.blocksize, percdamp=config.percdamp)
+    method = METHODS.build(config.method, scope=config.scope, blocksize=config.blocksize, percdamp=config.percdamp,
+                           iters=config.admm_iters)
     check_targets(model, config.ignore)
 
     started = time.perf_counter()

@@ -6,5 +6,6 @@ METHODS = Registry(__name__, "method", {
     "magnitude": "magnitude:Magnitude",
     "wanda": "wanda:Wanda",
     "sparsegpt": "sparsegpt:SparseGPT",
+    "admm": "admm:ADMM",
 })
 DEFAULT_METHOD = "sparsegpt"
