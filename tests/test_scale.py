@@ -36,8 +36,8 @@ def test_resume_after_a_kill_is_byte_identical(tmp_path, monkeypatch, kill_at):
     commit, solve = LayerCheckpoint.commit, SparseGPT.solve
     calls = {"solve": 0}
 
-    def dying_commit(self, index, layer, hidden):
-        commit(self, index, layer, hidden)
+    def dying_commit(self, index, layer, hidden, teacher=None):
+        commit(self, index, layer, hidden, teacher)
         if index == 1:
             raise Killed
 
@@ -72,8 +72,8 @@ def test_resume_keeps_owl_targets_and_dsnot_exact(tmp_path, monkeypatch):
     assert run_cli(reference, extra) == 0
     commit = LayerCheckpoint.commit
 
-    def dying_commit(self, index, layer, hidden):
-        commit(self, index, layer, hidden)
+    def dying_commit(self, index, layer, hidden, teacher=None):
+        commit(self, index, layer, hidden, teacher)
         if index == 2:
             raise Killed
 
@@ -93,8 +93,8 @@ def test_resume_refuses_a_work_folder_of_other_settings(tmp_path, monkeypatch, c
     out = tmp_path / "o"
     commit = LayerCheckpoint.commit
 
-    def dying_commit(self, index, layer, hidden):
-        commit(self, index, layer, hidden)
+    def dying_commit(self, index, layer, hidden, teacher=None):
+        commit(self, index, layer, hidden, teacher)
         raise Killed
 
     monkeypatch.setattr(LayerCheckpoint, "commit", dying_commit)

@@ -14,12 +14,15 @@ class StatsCollector:
     read the very same input tensor (q/k/v, gate/up): the statistics are computed once and aliased.
 
     Targets are Linear-like modules (hooked directly) or ``ExpertWeight`` slices of fused MoE experts (one hook per
-    experts module computes every expert's inputs; see ``expert_stats``).
+    experts module computes every expert's inputs; see ``expert_stats``). Modules in ``paired`` also get the
+    ``"cross"`` statistic: before each batch, ``dense_inputs`` maps them to the dense stream's inputs of that batch.
     """
 
-    def __init__(self, modules: dict, needs, all_expert_tokens: bool = False):
+    def __init__(self, modules: dict, needs, all_expert_tokens: bool = False, paired=()):
         self.modules = {n: m for n, m in modules.items() if not isinstance(m, ExpertWeight)}
         self.needs = frozenset(needs)
+        self.paired = set(paired)
+        self.dense_inputs: dict[str, torch.Tensor] = {}
         self.stats: dict[str, InputStats] = {}
         self._owner: dict[str, str] = {}
         self._seen: list[tuple[torch.Tensor, str]] = []
@@ -58,7 +61,8 @@ class StatsCollector:
                 # Identity, not address: a freed tensor's address can be reused by an unrelated one.
                 owner = next((seen_name for t, seen_name in self._seen if t is x), None)
                 if owner is None:
-                    self.stats[name] = InputStats(x.shape[-1], x.device, self.needs)
+                    needs = self.needs | {"cross"} if name in self.paired else self.needs
+                    self.stats[name] = InputStats(x.shape[-1], x.device, needs)
                     owner = name
                 else:
                     self.stats[name] = self.stats[owner]
@@ -66,5 +70,5 @@ class StatsCollector:
             if not any(t is x for t, _ in self._seen):
                 self._seen.append((x, name))
             if self._owner[name] == name:
-                self.stats[name].add(x)
+                self.stats[name].add(x, self.dense_inputs.get(name))
         return hook

@@ -176,7 +176,8 @@ class DiskStore:
         return (self[i] for i in range(self.count))
 
     def fresh(self) -> "DiskStore":
-        return DiskStore(self.folder.parent / f"{self.folder.name}.next")
+        """An empty store beside this one (a unique folder: several may be open at once)."""
+        return DiskStore(self.folder.parent / f"{self.folder.name}.{uuid.uuid4().hex[:8]}")
 
     def replace_with(self, other: "DiskStore") -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -73,17 +73,19 @@ class LayerCheckpoint:
                 for name, value in tensors.items():
                     own[name].data.copy_(value.to(own[name].device))
 
-    def cached_inputs(self, on_disk: bool):
-        """The activation cache committed with the last finished layer (the next layer's inputs)."""
-        folder = self.folder / self._cache_dir
+    def cached_inputs(self, on_disk: bool, teacher: bool = False):
+        """The activation cache committed with the last finished layer (the next layer's inputs; with ``teacher``,
+        the dense model's)."""
+        folder = self.folder / self._cache_dir / ("teacher" if teacher else "")
         files = sorted(folder.glob("*.safetensors"))
         store = DiskStore() if on_disk else MemoryStore()
         for f in files:
             store.append(load_file(f)["hidden"])
         return store
 
-    def commit(self, index: int, layer: nn.Module, hidden) -> None:
-        """Persist layer ``index``'s weights and the activations it produced, then mark it finished."""
+    def commit(self, index: int, layer: nn.Module, hidden, teacher=None) -> None:
+        """Persist layer ``index``'s weights and the activations it produced (both streams when there is a teacher
+        stream), then mark it finished."""
         (self.folder / "layers").mkdir(parents=True, exist_ok=True)
         tmp = self.folder / "layers" / f".{index:05d}.tmp"
         save_file({k: v.detach().to("cpu").contiguous() for k, v in layer.state_dict().items()}, tmp)
@@ -93,6 +95,11 @@ class LayerCheckpoint:
         staging.mkdir()
         for i in range(len(hidden)):
             save_file({"hidden": hidden[i].detach().to("cpu").contiguous()}, staging / f"{i:06d}.safetensors")
+        if teacher is not None:
+            (staging / "teacher").mkdir()
+            for i in range(len(teacher)):
+                save_file({"hidden": teacher[i].detach().to("cpu").contiguous()},
+                          staging / "teacher" / f"{i:06d}.safetensors")
         shutil.rmtree(self.folder / name, ignore_errors=True)
         os.replace(staging, self.folder / name)
         self.next_layer, self._cache_dir = index + 1, name

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..core.checks import check_choice, check_int, from_known_fields
+from ..core.checks import check_choice, check_int, check_positive, from_known_fields
 from ..core.errors import LlmsparseError
 from ..core.options import option
 from .allocation import ALLOCATIONS
@@ -18,6 +18,7 @@ from .pattern import SCOPES, Pattern
 from .refine import REFINERS, refiner_names
 
 EXPERT_CALIBRATION = ("routed", "all")
+TARGETS = ("self", "dense")  # what each module reconstructs (see targets.py)
 
 
 @dataclass
@@ -57,6 +58,15 @@ class PruneConfig:
                                           "calibration window is at most this (the reference's units)")
     refine_var_power: float = option(1.0, "DSnoT: regrowth ranks W_ij*E[x_j] / Var(x_j)^power (default 1)")
     refine_iters: int = option(10, "refit: conjugate-gradient iterations (default 10)")
+    target: str = option("self", "what each module reconstructs: self (its own dense output on the pruned model's "
+                                 "inputs) or dense (the dense model's output on its own inputs, for the modules that "
+                                 "write into the residual stream; one more activation cache)", choices=TARGETS)
+    block_steps: int = option(0, "after a layer is pruned, this many Adam steps on its kept weights toward the "
+                                 "target outputs (0: none)")
+    block_lr: float = option(1e-2, "block steps: step size relative to each module's kept-weight RMS (default 1e-2)")
+    block_check: int = option(4, "block steps: calibration windows whose loss must fall, else the layer's weights "
+                                 "are put back (default 4; 0: no check)")
+    block_seconds: float | None = option(None, "block steps: at most this many seconds per layer")
 
     def __post_init__(self):
         METHODS.check(self.method)
@@ -74,8 +84,12 @@ class PruneConfig:
         if self.allocation == "owl":
             check_owl(pattern, self.owl_lambda, self.owl_m)
         refiner_names(self.refine)
-        for name in ("refine_max_cycles", "refine_iters"):
+        for name in ("refine_max_cycles", "refine_iters", "block_steps", "block_check"):
             check_int(name, getattr(self, name), minimum=0)
+        check_choice("target", self.target, TARGETS, flag=True)
+        check_positive("block_lr", self.block_lr, flag=True)
+        if self.block_seconds is not None:
+            check_positive("block_seconds", self.block_seconds, flag=True)
         if not self.refine_threshold >= 0:
             raise LlmsparseError(f"refine_threshold must be >= 0, got {self.refine_threshold!r}")
 

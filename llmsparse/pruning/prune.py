@@ -30,9 +30,11 @@ from .allocation import ALLOCATIONS
 from .allocation.base import LayerPlan
 from .config import PruneConfig
 from .methods import METHODS
+from .reconstruct import block_reconstruct
 from .refine import get_refiners
 from .refine.runner import Job, Refinements, side_by_side_workers
 from .report import PruneReport
+from .targets import teacher_target
 
 
 def model_fingerprint(model: nn.Module) -> dict:
@@ -110,6 +112,7 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | None = None, *
         config.refine, max_cycles=config.refine_max_cycles, threshold=config.refine_threshold,
         var_power=config.refine_var_power, window=calibration.shape[1], iters=config.refine_iters,
         percdamp=config.percdamp))
+    teacher, blocks = config.target == "dense", config.block_steps > 0
     needs = method.needs | refinements.needs
     workers = side_by_side_workers(device, refinements.refiners)
     report.times["calibration_data_s"] = round(time.perf_counter() - started, 3)
@@ -126,18 +129,23 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | None = None, *
                        device=device, cache_device=cache_device, offload_activations=offload_activations)
     report.allocation = plan.to_json()
 
-    def solve_module(name: str, module: nn.Module, stats, index: int) -> Job:
-        """Solve one module (the refiners keep its count of zeros, so the plan can count them now)."""
+    def solve_module(name: str, module: nn.Module, stats, index: int, teach: bool) -> Job:
+        """Solve one module (the refiners keep its count of zeros, so the plan can count them now). With ``teach``
+        the reconstructing method and the refiners aim at the dense-teacher target; masks of mask-only methods
+        still come from the module's own weight."""
         weight = weight_matrix(module).detach().float()
+        target = weight
+        if teach and stats is not None and stats.tokens:
+            target = teacher_target(weight, stats.hessian() / 2, stats.cross(), config.percdamp)
         module_pattern = plan.pattern(index, weight.numel())
-        solution = method.solve(weight, stats, module_pattern)
+        solution = method.solve(target if method.reconstructs else weight, stats, module_pattern)
         plan.spent(count_zeros(solution.keep))
-        return Job(name, module, weight, solution, stats, module_pattern)
+        return Job(name, module, target, solution, stats, module_pattern, original=weight)
 
     def write_module(job: Job) -> int:
         """Write a refined solution into its module; record it; return its count of zeros."""
         solution, weight = job.solution, job.weight
-        new = solution.weight if solution.weight is not None else weight
+        new = solution.weight if solution.weight is not None else job.original
         set_weight_matrix(job.module, new * solution.keep)
         z = count_zeros(weight_matrix(job.module))
         report.modules[job.name] = {
@@ -152,20 +160,42 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | None = None, *
         targets = find_targets(run.layer, run.name, config.ignore)
         report.skipped.update(targets.skipped)
         zeros = params = 0
+        row = {"index": run.index, "name": run.name, "modules": len(targets.modules),
+               "target_sparsity": plan.target(run.index)}
         if targets.modules:
-            stats = run.collect(targets.modules, needs, all_expert_tokens=config.expert_calibration == "all")
-            solved = (solve_module(name, module, stats[name], run.index) for name, module in targets.modules.items())
+            teach = run.consumers(targets.modules) if teacher else set()
+            stats = run.collect(targets.modules, needs, keep_outputs=blocks and not teacher,
+                                all_expert_tokens=config.expert_calibration == "all", paired=teach)
+            solved = (solve_module(name, module, stats[name], run.index, name in teach)
+                      for name, module in targets.modules.items())
+            masks = {}
             for job in refinements.refine_all(solved, workers):
                 zeros += write_module(job)
                 params += job.weight.numel()
+                if isinstance(job.module, nn.Module):
+                    masks[job.name[len(run.name) + 1:]] = job.solution.keep
             run.modified = True
-        report.layers.append({"index": run.index, "name": run.name, "modules": len(targets.modules),
-                              "target_sparsity": plan.target(run.index), "sparsity": zeros / max(params, 1),
-                              "seconds": round(time.perf_counter() - t0, 3)})
+            if teacher:
+                row["teacher_modules"] = sorted(n[len(run.name) + 1:] for n in teach)
+            if blocks:
+                row["block"] = reconstruct_layer(run, masks)
+        row.update(sparsity=zeros / max(params, 1), seconds=round(time.perf_counter() - t0, 3))
+        report.layers.append(row)
+
+    def reconstruct_layer(run: LayerRun, masks: dict) -> dict:
+        """Block-wise reconstruction of the pruned layer toward the teacher's outputs (or its own dense outputs)."""
+        goal = run.teacher_outputs if teacher else run.outputs
+        n = len(run.inputs)
+        check = list(range(0, n, max(1, n // config.block_check)))[:config.block_check] if config.block_check else None
+        info = block_reconstruct(run.layer, masks, run.inputs.hidden, goal,
+                                 lambda layer, hidden, i: run.forward_hidden(hidden, i),
+                                 steps=config.block_steps, lr=config.block_lr, seconds=config.block_seconds,
+                                 seed=config.seed + run.index, check=check)
+        return info.to_json()
 
     with _layer_progress(f"{method.name} {pattern}", progress, device) as bar:
         walk_layers(model, batches, visit, device=device, cache_device=cache_device,
-                    offload_activations=offload_activations, checkpoint=checkpoint,
+                    offload_activations=offload_activations, checkpoint=checkpoint, teacher=teacher,
                     on_layer=bar.on_layer, on_batch=bar.on_batch)
     if checkpoint is not None:
         checkpoint.finish()

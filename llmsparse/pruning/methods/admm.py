@@ -129,6 +129,7 @@ class ADMM(Method):
 
     name = "admm"
     needs = frozenset({"hessian"})
+    reconstructs = True
 
     def __init__(self, scope: str = "row", iters: int = 20, rho0: float = 0.1, growth: float = 1.5, stage: int = 2,
                  percdamp: float = 0.01, refit_iters: int = 5):

@@ -32,6 +32,7 @@ class Method:
 
     name: str = "base"
     needs: frozenset = frozenset()
+    reconstructs: bool = False  # it solves for the weights that reproduce a target weight's output (SparseGPT, ADMM)
 
     def __init__(self, scope: str = "row"):
         self.scope = scope

@@ -87,6 +87,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern, blocks
 class SparseGPT(Method):
     name = "sparsegpt"
     needs = frozenset({"hessian"})
+    reconstructs = True
 
     def __init__(self, blocksize: int = 128, percdamp: float = 0.01, scope: str = "row"):
         super().__init__(scope)

@@ -24,7 +24,9 @@ from ..pattern import Pattern
 
 @dataclass
 class Job:
-    """One solved module waiting for its refinement; ``records`` collects, per refiner that acted, what it did."""
+    """One solved module waiting for its refinement: ``weight`` is what the refiners reconstruct (the module's own
+    weight, or its dense-teacher target), ``original`` the module's weight, kept where a mask-only method leaves
+    the weights as they were; ``records`` collects, per refiner that acted, what it did."""
 
     name: str
     module: torch.nn.Module
@@ -32,6 +34,7 @@ class Job:
     solution: Solution
     stats: InputStats | None
     pattern: Pattern
+    original: torch.Tensor | None = None
     records: dict = field(default_factory=dict)
 
 
