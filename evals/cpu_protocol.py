@@ -36,6 +36,10 @@ PROTOCOL = {"nsamples": 32, "seqlen": 512, "seed": 0, "eval_windows": 80}
 REFERENCE_SCOPE = {"magnitude": "layer", "wanda": "row", "sparsegpt": "layer"}
 
 
+HEADLINE = ("best_70", "best_2of4", "best_60", "sparsegpt_70", "sparsegpt_2of4", "sparsegpt_60")
+SEEDS = (0, 1, 2)
+
+
 def _grid() -> dict[str, dict]:
     """Row name → prune settings (None for the dense model). Names follow PEERS.md where a peer row exists."""
     rows: dict[str, dict | None] = {"dense": None}
@@ -69,6 +73,17 @@ def _grid() -> dict[str, dict]:
         rows[f"sparsegpt_owl_refit_{target}"] = {"method": "sparsegpt", **targets[target], "allocation": "owl",
                                                  "refine": "refit"}
     rows["sparsegpt_refit_2of4"] = {"method": "sparsegpt", "pattern": "2:4", "refine": "refit"}
+    # issue 17: the best preset, and each of its additions alone on SparseGPT (our default per-row scope)
+    for target in ("70", "2of4", "60", "50", "80"):
+        rows[f"best_{target}"] = {"preset": "best", **targets[target]}
+    for target in ("70", "2of4", "60", "50", "80"):
+        rows[f"admm_refit_{target}"] = {"method": "admm", **targets[target], "refine": "refit"}
+        rows[f"sparsegpt_teacher_{target}"] = {"method": "sparsegpt", **targets[target], "target": "dense"}
+        rows[f"sparsegpt_block_{target}"] = {"method": "sparsegpt", **targets[target], "block_steps": 10}
+    # headline rows over calibration seeds 0, 1, 2 (float order alone moves 70% by up to 20%)
+    for name in HEADLINE:
+        for seed in SEEDS[1:]:
+            rows[f"{name}_seed{seed}"] = {**rows[name], "seed": seed}
     # Float-noise probe: the same settings with one torch thread, so only the order of float reductions changes.
     rows["sparsegpt_70_1thread"] = {**rows["sparsegpt_70"], "threads": 1}
     rows["wanda_70_1thread"] = {**rows["wanda_70"], "threads": 1}
@@ -108,12 +123,13 @@ def run_row(name: str) -> dict:
     settings = dict(GRID[name]) if GRID[name] is not None else None
     if settings is not None and "threads" in settings:
         torch.set_num_threads(settings.pop("threads"))
+    seed = settings.pop("seed", PROTOCOL["seed"]) if settings is not None else PROTOCOL["seed"]
     model, tokenizer = llmsparse.load(str(GGUF)), llmsparse.load_tokenizer(str(GGUF))
-    result = {"row": name, "settings": settings, "protocol": PROTOCOL, "threads": torch.get_num_threads(),
+    result = {"row": name, "settings": settings, "seed": seed, "protocol": PROTOCOL, "threads": torch.get_num_threads(),
               "date": time.strftime("%Y-%m-%d"), "prune_s": 0.0, "sparsity": None}
     if settings is not None:
         report = llmsparse.prune(model, tokenizer, calib=str(CALIB), nsamples=PROTOCOL["nsamples"],
-                                 seqlen=PROTOCOL["seqlen"], seed=PROTOCOL["seed"], device="cpu", progress=False,
+                                 seqlen=PROTOCOL["seqlen"], seed=seed, device="cpu", progress=False,
                                  **settings)
         result["prune_s"] = report.times["prune_s"]
         result["sparsity"] = report.sparsity

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .core.errors import LlmsparseError
-from .core.options import default_of, flag_of, is_required, options_of
+from .core.options import build, default_of, flag_of, is_required, options_of
 from .core.version import __version__
 from .data.demo import DEMO_NAME, DEMO_TEXT
 from .evaluation.settings import PerplexitySettings
@@ -59,7 +59,7 @@ def settings(args: argparse.Namespace, cls, defaults: dict | None = None):
     """An instance of ``cls`` from the flags given (over ``defaults``, e.g. the demo's)."""
     names = {f.name for f in options_of(cls)}
     given = {k: v for k, v in vars(args).items() if k in names}
-    return cls(**{**{k: v for k, v in (defaults or {}).items() if k in names}, **given})
+    return build(cls, {**{k: v for k, v in (defaults or {}).items() if k in names}, **given})
 
 
 def _model_arg(p: argparse.ArgumentParser, optional: bool) -> None:

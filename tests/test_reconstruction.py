@@ -218,3 +218,18 @@ def test_teacher_and_block_steps_work_in_every_family(family):
             pruned, dead = zero.sum(1), int(zero.all(0).sum())
             want = sum(pruned_count(min(128, zero.shape[1] - c), 0.7) for c in range(0, zero.shape[1], 128))
             assert bool(((pruned >= want) & (pruned <= want + dead)).all()), name
+
+
+def test_a_preset_fills_only_the_settings_not_given():
+    """Given settings win over the preset's; N:M drops OWL (which refuses N:M); the recipe step expands the same."""
+    from llmsparse.pruning.config import PRESETS, PruneConfig
+    from llmsparse.workflows.steps import STEPS
+
+    best = PruneConfig.from_kwargs(preset="best", sparsity=0.7)
+    assert {k: getattr(best, k) for k in PRESETS["best"]} == PRESETS["best"]
+    mine = PruneConfig.from_kwargs(preset="best", pattern="2:4", block_steps=3, method="sparsegpt")
+    assert (mine.method, mine.block_steps, mine.allocation, mine.target) == ("sparsegpt", 3, "uniform", "dense")
+    step = STEPS["prune"].build({"preset": "best", "pattern": "4:8"})[PruneConfig]
+    assert (step.method, step.allocation, step.refine) == ("admm", "uniform", "refit")
+    with pytest.raises(llmsparse.LlmsparseError, match="--preset"):
+        PruneConfig.from_kwargs(preset="bestest")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import fields
 
 from .errors import LlmsparseError
+from .options import build
 
 
 def _label(name: str, flag: bool) -> str:
@@ -40,4 +41,4 @@ def from_known_fields(cls, kwargs: dict, what: str):
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise LlmsparseError(f"unknown {what} setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return cls(**kwargs)
+    return build(cls, kwargs)

@@ -24,6 +24,12 @@ def option(default: Any = _MISSING, help: str = "", *, flag: str | None = None, 
     return dataclasses.field(default=default, metadata=meta)
 
 
+def build(cls, values: dict):
+    """``cls(**values)``, after the class's ``expand`` (if it has one) filled in what a preset implies."""
+    expand = getattr(cls, "expand", None)
+    return cls(**(expand(values) if expand else values))
+
+
 def options_of(cls) -> list[dataclasses.Field]:
     """The fields of a settings class, in declaration order."""
     return list(dataclasses.fields(cls))

@@ -20,11 +20,21 @@ from .refine import REFINERS, refiner_names
 EXPERT_CALIBRATION = ("routed", "all")
 TARGETS = ("self", "dense")  # what each module reconstructs (see targets.py)
 
+# What a preset sets; settings given beside it win. "best" is the most accurate measured recipe (BENCHMARKS.md,
+# CPU protocol): the ADMM mask, dense-teacher targets, the refit, block steps, and OWL where the pattern allows it.
+PRESETS = {
+    "fast": {"method": "sparsegpt"},
+    "best": {"method": "admm", "refine": "refit", "target": "dense", "block_steps": 10, "allocation": "owl"},
+}
+
 
 @dataclass
 class PruneConfig:
     """Everything that decides what a prune does (recorded verbatim in llmsparse.json)."""
 
+    preset: str | None = option(None, "fast (SparseGPT alone) | best (ADMM mask, dense-teacher targets, refit, "
+                                      "block steps and OWL for unstructured sparsity; about 3x the time): the "
+                                      "settings of a recipe, under any setting given beside it", choices=tuple(PRESETS))
     method: str = option(DEFAULT_METHOD, f"{' | '.join(METHODS.names)} (default {DEFAULT_METHOD}, the most accurate)",
                          choices=METHODS.names)
     sparsity: float | None = option(None, "unstructured sparsity in [0, 1) (default 0.5)")
@@ -68,7 +78,21 @@ class PruneConfig:
                                  "are put back (default 4; 0: no check)")
     block_seconds: float | None = option(None, "block steps: at most this many seconds per layer")
 
+    @classmethod
+    def expand(cls, values: dict) -> dict:
+        """``values`` over the settings of their preset (OWL is left out for N:M patterns, which refuse it)."""
+        preset = values.get("preset")
+        if preset is None:
+            return values
+        check_choice("preset", preset, tuple(PRESETS), flag=True)
+        implied = dict(PRESETS[preset])
+        if Pattern.parse(values.get("pattern"), values.get("sparsity")).is_nm:
+            implied.pop("allocation", None)
+        return {**implied, **values}
+
     def __post_init__(self):
+        if self.preset is not None:
+            check_choice("preset", self.preset, tuple(PRESETS), flag=True)
         METHODS.check(self.method)
         pattern = self.parsed_pattern()
         for name in ("nsamples", "seqlen", "calib_batch_size", "blocksize", "admm_iters"):

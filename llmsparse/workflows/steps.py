@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..core.options import option, options_of
+from ..core.options import build, option, options_of
 from ..evaluation.settings import EvalSettings
 from ..models.placement import Placement
 from ..moe.config import MoefyConfig
@@ -43,7 +43,7 @@ class Step:
         out = {}
         for cls in self.groups:
             names = {f.name for f in options_of(cls)}
-            out[cls] = cls(**{k: v for k, v in values.items() if k in names})
+            out[cls] = build(cls, {k: v for k, v in values.items() if k in names})
         return out
 
 
