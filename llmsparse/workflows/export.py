@@ -16,9 +16,10 @@ from ..models.placement import Placement
 from .load import open_model
 from .options import ExportOptions
 
-# Files a writer produces itself, and weight files of any kind; an export copies every other file of a folder
-# (tokenizer, chat template, README) verbatim.
-_WRITTEN = ("config.json", "generation_config.json", MANIFEST)
+# Files a writer produces itself (and step.json, the record a recipe step adds to its folder, which run_recipe
+# writes for the export's own folder), and weight files of any kind; an export copies every other file of a folder
+# (tokenizer, chat template, README) verbatim, and the checksum table it ends with covers them.
+_WRITTEN = ("config.json", "generation_config.json", MANIFEST, "step.json")
 _WEIGHTS = (".safetensors", ".index.json", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 
 
