@@ -58,11 +58,16 @@ def truncated(tmp: Path, fixture) -> None:
 
 
 def future_version(tmp: Path, fixture) -> None:
+    """A compact folder as a future llmsparse would write it: its checksum table written for the new config.json."""
+    from llmsparse.checkpoint.checksums import seal
+    from llmsparse.core.folders import read_manifest
+
     shutil.copytree(fixture("compact"), tmp / "model")
     path = tmp / "model" / "config.json"
     config = json.loads(path.read_text())
     config["quantization_config"]["sparsity_config"]["version"] = 99
     path.write_text(json.dumps(config))
+    seal(tmp / "model", read_manifest(tmp / "model", verify=False))
 
 
 def foreign_work_folder(tmp: Path, fixture) -> None:
