@@ -1,4 +1,4 @@
-"""The checksum table (issue 19): every folder llmsparse writes records the size and CRC-32 of every file and tensor in
+"""The checksum table (issue 19): every folder llmsparse writes records the size and hash of every file and tensor in
 its llmsparse.json; ``llmsparse.load``, ``load_tokenizer``, ``export`` and ``inspect --verify`` check it before
 anything else reads the folder, and refuse damage with one line naming the file and, in a shard, the tensor."""
 
@@ -81,7 +81,7 @@ def test_every_file_and_tensor_is_in_the_table(folder):
     assert len(shards) == (3 if folder.name == "dense" else 1)
     for name in shards:
         record = files[name]
-        assert record["bytes"] == (folder / name).stat().st_size and len(record["header_crc32"]) == 8
+        assert record["bytes"] == (folder / name).stat().st_size and len(record["header_hash"]) == 16
         from llmsparse.models.files import read_header
 
         assert set(record["tensors"]) == set(read_header(folder / name))
@@ -99,11 +99,11 @@ def test_the_intact_folder_loads_with_the_same_logits(folder, written):
 
 
 def test_a_flipped_bit_in_the_embeddings_is_refused_naming_the_tensor(folder):
-    """The issue's case: CRC-32 of the compressed tensors alone let damage to a dense tensor load silently."""
+    """The issue's case: the CRC-32s of the compressed tensors alone let damage to a dense tensor load silently."""
     key = "model.embed_tokens.weight"
     path = shard_of(folder, key)
     flip(path, tensor_offset(path, key) + 1001, 3)
-    refused(lambda: llmsparse.load(folder), path.name, f"tensor {key}", "CRC-32", "damaged")
+    refused(lambda: llmsparse.load(folder), path.name, f"tensor {key}", "checksum", "damaged")
     refused(lambda: llmsparse.export(folder, folder.parent / "out", format="dense"), path.name, key)
     assert not (folder.parent / "out").exists()
     llmsparse.load(folder, verify=False)  # the header-only checks cannot see it: verify=False trusts the bytes
@@ -133,7 +133,7 @@ def test_damaged_tokenizer_files_are_refused(folder):
         path = folder / name
         intact = path.read_bytes()
         flip(path, len(intact) // 2, 1)
-        refused(lambda: llmsparse.load_tokenizer(folder), name, "CRC-32")
+        refused(lambda: llmsparse.load_tokenizer(folder), name, "checksum")
         refused(lambda: llmsparse.load(folder), name)
         path.write_bytes(intact)
     llmsparse.load_tokenizer(folder)
@@ -157,7 +157,7 @@ def test_damaged_llmsparse_json_is_refused(folder):
     intact = path.read_text()
     cases = {
         "a value changed": intact.replace('"save_format": "', '"save_format": "x', 1),
-        "a CRC-32 changed": intact.replace('"crc32": "', '"crc32": "0', 1),
+        "a checksum changed": intact.replace('"hash": "', '"hash": "0', 1),
         "not JSON": intact[: len(intact) // 2],
         "whitespace changed": intact.replace("\n  ", "\n   ", 1),
         "the table's key damaged": intact.replace('"checksums"', '"checksumz"'),

@@ -3,7 +3,7 @@
 Three kinds of folder: ``dense`` (plain transformers safetensors, also hub ids and GGUF files), ``compact``
 (``quantization_config.quant_method == "llmsparse"``: pruned Linears in compressed formats) and ``moefied`` (the
 config names the MoE spec that ``llmsparse.moefy`` writes). Every llmsparse writer adds ``llmsparse.json``, the
-record of what was done, ending with the folder's checksum table (``checksums``: the size and CRC-32 of every file
+record of what was done, ending with the folder's checksum table (``checksums``: the size and hash of every file
 written, and of every tensor of every safetensors file; see ``llmsparse.checkpoint.checksums``).
 
 The table protects itself: it records the CRC-32 of llmsparse.json as written without that one field, the file must
