@@ -63,7 +63,7 @@ def without_checksums(folder: Path, out: Path) -> Path:
     shutil.copytree(folder, out)
     (out / "llmsparse.json").unlink()
     config = json.loads((out / "config.json").read_text())
-    config.pop("llmsparse_checksums")
+    config.pop("llmsparse_checksums", None)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
 
