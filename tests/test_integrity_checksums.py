@@ -242,3 +242,19 @@ def test_seal_after_an_edit_makes_a_consistent_folder(folder):
     refused(lambda: llmsparse.load(folder), "generation_config.json")
     seal(folder, read_manifest(folder, verify=False))
     llmsparse.load(folder)
+
+
+def test_a_moefied_folders_modeling_code_is_covered(tmp_path):
+    """transformers runs modeling_llmsparse_moe.py with trust_remote_code: an edited copy must not load."""
+    from conftest import random_tokens, tiny_model
+
+    model = tiny_model("llama")
+    llmsparse.moefy(model, calibration=random_tokens(4, 32), experts=4, shared=1, top_k=2, device="cpu",
+                    progress=False)
+    for fmt in ("dense", "compact"):
+        out = llmsparse.save(model, tmp_path / fmt, format=fmt)
+        assert "modeling_llmsparse_moe.py" in table(out)["files"]
+        llmsparse.load(out)
+        code = out / "modeling_llmsparse_moe.py"
+        code.write_text(code.read_text() + "\nprint('hello')\n")
+        refused(lambda out=out: llmsparse.load(out), "modeling_llmsparse_moe.py", "extended")
