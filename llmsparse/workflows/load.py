@@ -22,7 +22,16 @@ from ..checkpoint.checksums import FolderCheck, not_weights, verify_folder
 from ..checkpoint.quantizer import register
 from ..core.devices import execution_device
 from ..core.errors import LlmsparseError
-from ..core.folders import CHECKSUMS_MARKER, COMPACT, DENSE, MOEFIED, QUANT_METHOD, folder_format, read_manifest
+from ..core.folders import (
+    CHECKSUMS_MARKER,
+    COMPACT,
+    DENSE,
+    MOEFIED,
+    QUANT_METHOD,
+    folder_format,
+    model_config,
+    read_manifest,
+)
 from ..data.demo import DEMO_NAME
 from ..inference.sparsify import densify
 from ..models.loading import load_pretrained, resolve_source
@@ -69,7 +78,7 @@ def open_model(source=None, placement: Placement | None = None, *, tokenizer: bo
     extra = dict(from_pretrained_kwargs)
     if placement.dispatched:
         extra.setdefault("offload_buffers", True)  # a compact model's weights are buffers
-    if fmt == COMPACT and (not verify or verified is not None):  # every byte already checked, or not wanted
+    if (not verify or verified is not None) and _compressed(where, fmt):  # every byte checked, or not wanted
         extra.setdefault("config", _unverified_config(where))
     if fmt == MOEFIED:
         model = load_moefied(where, placement, **extra)
@@ -81,6 +90,14 @@ def open_model(source=None, placement: Placement | None = None, *, tokenizer: bo
         densify(model)
     model.config.__dict__.pop(CHECKSUMS_MARKER, None)  # describes the folder, not the model: a re-save writes its own
     return Opened(source, model, tok, manifest, fmt, verified)
+
+
+def _compressed(where: str, fmt: str) -> bool:
+    """Whether the folder holds compact weights (a compact folder, or a moefied one saved compact)."""
+    if fmt != MOEFIED:
+        return fmt == COMPACT
+    quantization = (model_config(where) or {}).get("quantization_config")
+    return isinstance(quantization, dict) and quantization.get("quant_method") == QUANT_METHOD
 
 
 def _unverified_config(folder: str):
