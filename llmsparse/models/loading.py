@@ -148,6 +148,9 @@ def _load_error(source, where: str, e: BaseException, what: str = "model") -> Ll
     kind = "" if isinstance(e, (OSError, ValueError)) else f"{type(e).__name__}: "
     tokenizer_files = sorted(p.name for p in folder.glob("*") if _TOKENIZER_FILE.match(p.name)) \
         if what == "tokenizer" and folder.is_dir() else []
+    if what == "model" and folder.is_dir() and ("mismatched_sizes" in first or "size mismatch" in first):
+        return LlmsparseError(f"could not load model {source}: the weights' shapes are not the ones config.json "
+                              f"describes: config.json or the weights edited, damaged or from another model")
     hint = "check the folder or hub id (offline? set a local folder)" if not folder.exists() \
         else f"check the folder's tokenizer files: {', '.join(tokenizer_files)}" if tokenizer_files \
         else "check the folder's files"
