@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(p, False)
     add_options(p, Placement)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--verify", action="store_true",
+                   help="also read every byte of a folder llmsparse wrote and check it against the checksums in its "
+                        "llmsparse.json, and say what was verified")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("ppl", help="perplexity over non-overlapping windows of a text file")
@@ -207,7 +210,7 @@ def cmd_moefy(args) -> int:
 def cmd_inspect(args) -> int:
     from .workflows.inspect import inspect_folder
 
-    report = inspect_folder(args.model, settings(args, Placement))
+    report = inspect_folder(args.model, settings(args, Placement), verify=args.verify)
     print(json.dumps(report.to_json(), indent=2) if args.json else report.summary())
     return 0
 

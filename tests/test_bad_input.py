@@ -58,11 +58,27 @@ def truncated(tmp: Path, fixture) -> None:
 
 
 def future_version(tmp: Path, fixture) -> None:
+    """A compact folder as a future llmsparse would write it: its checksum table written for the new config.json."""
+    from llmsparse.checkpoint.checksums import seal
+    from llmsparse.core.folders import read_manifest
+
     shutil.copytree(fixture("compact"), tmp / "model")
     path = tmp / "model" / "config.json"
     config = json.loads(path.read_text())
     config["quantization_config"]["sparsity_config"]["version"] = 99
     path.write_text(json.dumps(config))
+    seal(tmp / "model", read_manifest(tmp / "model", verify=False))
+
+
+def damaged(name: str, at: float = 0.5):
+    """A setup: the compact fixture folder with one bit flipped in ``name``, ``at`` of the way into the file."""
+    def setup(tmp: Path, fixture) -> None:
+        shutil.copytree(fixture("compact"), tmp / "model")
+        path = tmp / "model" / name
+        data = bytearray(path.read_bytes())
+        data[int(len(data) * at)] ^= 0x10
+        path.write_bytes(bytes(data))
+    return setup
 
 
 def foreign_work_folder(tmp: Path, fixture) -> None:
@@ -122,6 +138,12 @@ CLI = {
     "inspect-truncated-weights": Case(["inspect", "{tmp}/model"], "truncated", truncated),
     "inspect-future-sparsity-config": Case(["inspect", "{tmp}/model"], "sparsity_config version 99 is not supported",
                                            future_version),
+    "inspect-verify-damaged-shard": Case(["inspect", "{tmp}/model", "--verify"], "model.safetensors: tensor",
+                                         damaged("model.safetensors")),
+    "export-damaged-tokenizer": Case(["export", "{tmp}/model", "--out", "{tmp}/out"], "tokenizer.json: checksum",
+                                     damaged("tokenizer.json")),
+    "ppl-damaged-config": Case(["ppl", "{tmp}/model", "--text", "{text}", "--quiet"], "config.json",
+                               damaged("config.json", 0.2)),
     "eval-unknown-task-offline": Case(EVAL + ["--tasks", "no_such_task"], "'no_such_task' needs the hub"),
     "eval-missing-data-path": Case(EVAL + ["--tasks", "arc_easy", "--data-path", "{tmp}/nodata"],
                                    "benchmark data folder"),
@@ -175,6 +197,11 @@ API = {
     "load-truncated-weights": (truncated, lambda tmp: llmsparse.load(tmp / "model"), "truncated"),
     "load-future-sparsity-config": (future_version, lambda tmp: llmsparse.load(tmp / "model"),
                                     "sparsity_config version 99 is not supported"),
+    "load-damaged-manifest": (damaged("llmsparse.json"), lambda tmp: llmsparse.load(tmp / "model"),
+                              "llmsparse.json"),
+    "load-tokenizer-damaged-tokenizer-config": (damaged("tokenizer_config.json"),
+                                                lambda tmp: llmsparse.load_tokenizer(tmp / "model"),
+                                                "tokenizer_config.json"),
     "prune-model-without-linear": (None, lambda tmp: llmsparse.prune(
         no_linear_model(), calibration=torch.zeros(1, 4, dtype=torch.long), device="cpu", progress=False),
         "no decoder layers with Linear modules"),

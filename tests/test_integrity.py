@@ -1,4 +1,10 @@
-"""Damaged compact checkpoints are refused before any weight is loaded, with one line naming the tensor and problem."""
+"""Damaged compact checkpoints are refused before any weight is loaded, with one line naming the tensor and problem.
+
+These are the checks of the compact format itself (config.json's sparsity_config against the safetensors files),
+which every compact folder gets, also one without a checksum table (written by ``save_pretrained``, or by another
+tool): the folders here have their table removed, as the table would refuse every edit first. The table's own tests
+are in ``test_integrity_checksums.py``.
+"""
 
 import json
 import shutil
@@ -29,7 +35,16 @@ def saved(tmp_path_factory):
     out = save(model, tmp_path_factory.mktemp("ckpt") / "c", format="compact", max_shard_size="20KB")
     modules = json.loads((out / "config.json").read_text())["quantization_config"]["sparsity_config"]["modules"]
     assert modules[NM]["format"] == "2:4" and modules[BITMAP]["format"] == "bitmap"
-    return out
+    return without_checksums(out)
+
+
+def without_checksums(folder):
+    """The folder as transformers' ``save_pretrained`` writes it: no llmsparse.json, no checksums named in config."""
+    (folder / "llmsparse.json").unlink()
+    config = json.loads((folder / "config.json").read_text())
+    del config["llmsparse_checksums"]
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
 
 
 @pytest.fixture

@@ -53,6 +53,7 @@ class SizeReport:
     modules: list = field(default_factory=list)
     file_bytes: int = 0  # safetensors files on disk, headers included
     tensor_bytes: int = 0  # every tensor as stored
+    verified: dict | None = None  # what ``inspect --verify`` checked: {"summary": one line, ...}; None when not asked
 
     def totals(self) -> dict:
         stored = self.modules
@@ -73,8 +74,9 @@ class SizeReport:
         }
 
     def to_json(self) -> dict:
-        return {"folder": self.folder, "layout": self.layout, "totals": self.totals(),
-                "modules": {m.name: m.to_json() for m in self.modules}}
+        out = {"folder": self.folder, "layout": self.layout, "totals": self.totals(),
+               "modules": {m.name: m.to_json() for m in self.modules}}
+        return out if self.verified is None else {**out, "verified": self.verified}
 
     def summary(self) -> str:
         width = max([len(m.name) for m in self.modules] + [6])
@@ -98,6 +100,8 @@ class SizeReport:
         if self.layout == "dense":
             lines.append(f"as a compact checkpoint: {t['compact_bytes'] / MiB:.2f} MiB of tensors "
                          f"({_ratio(t['compact_bytes'], t['dense_bytes'])} of dense)")
+        if self.verified is not None:
+            lines.append(self.verified["summary"])
         return "\n".join(lines)
 
 

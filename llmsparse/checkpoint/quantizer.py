@@ -4,13 +4,16 @@ folders and ``save_pretrained`` writes them.
 A compact folder's config.json carries ``quantization_config = {"quant_method": "llmsparse", "sparsity_config":
 {...}}``. transformers looks the method up in its quantizer registry (``register_quantization_config`` /
 ``register_quantizer``, public since transformers 4.x and unchanged in 5.17 and 5.23); ours, before any weight is
-read, checks the files against the sparsity_config (``integrity``) and swaps the declared modules of the
+read, checks the files against the sparsity_config (``integrity``; and against the folder's checksum table, when
+llmsparse.json has one, instead of reading the compressed tensors twice) and swaps the declared modules of the
 meta-device skeleton for ``SparseLinear`` modules with meta buffers of the stored shapes. transformers' own loader
 then fills those buffers from the memory-mapped safetensors like any other tensor, so ``device_map`` (``"auto"``,
 CPU and disk offload), ``max_memory`` and ``dtype`` work unchanged and no dense weight is ever built.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
@@ -21,16 +24,18 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..core.folders import QUANT_METHOD
+from ..core.folders import CHECKSUMS_MARKER, QUANT_METHOD
 from ..inference.sparsify import densify
+from .checksums import model_files, verify_folder
 from .compact import build_skeleton, describe_and_compress, finish_loading, sparsity_config, verify_files
 
 
 class LlmsparseConfig(QuantizationConfigMixin):
     """The ``quantization_config`` of a compact checkpoint: its ``sparsity_config`` (versioned, per module).
 
-    ``verify`` (not saved) chooses how much of the files is checked on load: True reads every compressed tensor
-    (CRC-32 and format consistency), False only the headers, the index and the declared shapes.
+    ``verify`` (not saved) chooses how much of the files is checked on load: True reads every byte of the weights
+    against the folder's checksum table (llmsparse.json), or without one every compressed tensor (CRC-32 and format
+    consistency); False only the headers, the index and the declared shapes.
     """
 
     def __init__(self, sparsity_config: dict | None = None, verify: bool = True, **kwargs):
@@ -48,13 +53,17 @@ class LlmsparseQuantizer(HfQuantizer):
     requires_calibration = True  # only loads checkpoints llmsparse wrote; it never compresses a dense model
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        verify = self.quantization_config.verify
+        checked = bool(verify and checkpoint_files
+                       and verify_folder(Path(checkpoint_files[0]).parent, which=model_files) is not None)
         modules = verify_files(checkpoint_files, self.quantization_config.sparsity_config,
-                               contents=self.quantization_config.verify)
+                               contents=verify and not checked)
         build_skeleton(model, modules)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         finish_loading(model)
+        model.config.__dict__.pop(CHECKSUMS_MARKER, None)  # describes the folder read, not the model
         return model
 
     def _dequantize(self, model, dtype=None):

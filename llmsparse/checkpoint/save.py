@@ -7,6 +7,9 @@
 
 Saving does not know the kinds of model above it: a kind that needs more in its folder (moefied models ship their
 modeling code) registers a ``folder writer`` that every save calls.
+
+Every folder ends with ``llmsparse.json``, written last with the checksum table of every other file
+(``checksums.seal``), which ``llmsparse.load`` checks before reading anything.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ from pathlib import Path
 from typing import Callable
 
 from ..core.errors import LlmsparseError
-from ..core.folders import MANIFEST, SAVE_FORMATS
-from ..core.outputs import atomic_directory, write_json
+from ..core.folders import SAVE_FORMATS
+from ..core.outputs import atomic_directory
 from ..kernels.formats import DEFAULT_TILE
 from ..models.loading import make_serialisable
+from .checksums import seal
 from .compact import dense_swaps, swapped, write_compact
 
 _FOLDER_WRITERS: list[Callable] = []
@@ -78,12 +82,12 @@ def write_model(model, tokenizer, folder: Path, save_format: str = "dense", max_
 def save(model, out, tokenizer=None, *, format: str = "dense", manifest: dict | None = None, overwrite: bool = False,
          max_shard_size=None, tile=DEFAULT_TILE) -> Path:
     """Save a model folder atomically: weights, config, tokenizer and ``llmsparse.json`` (``manifest``, with the
-    format added). ``format``: ``dense`` or ``compact``; ``max_shard_size`` (bytes or e.g. ``"5GB"``) shards the
-    weights with a ``model.safetensors.index.json`` as transformers does (default: transformers' own limit)."""
+    format and the checksum table of every file added). ``format``: ``dense`` or ``compact``; ``max_shard_size``
+    (bytes or e.g. ``"5GB"``) shards the weights with a ``model.safetensors.index.json`` as transformers does
+    (default: transformers' own limit)."""
     check_format(format)
     shard_size(max_shard_size)
     with atomic_directory(out, overwrite) as tmp:
         write_model(model, tokenizer, tmp, format, max_shard_size, tile)
-        if manifest is not None:
-            write_json(tmp / MANIFEST, {**manifest, "save_format": format})
+        seal(tmp, {**(manifest or {}), "save_format": format})
     return Path(out)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import LlmsparseError
+from ..core.folders import read_json
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -63,6 +64,8 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise LlmsparseError(f"{path.name}: safetensors header is not valid JSON ({e}): file edited or "
                                  "corrupt") from None
+    if not isinstance(header, dict):
+        raise LlmsparseError(f"{path.name}: safetensors header is not a JSON object: file edited or corrupt")
     base = 8 + length
     entries = {}
     for name, info in header.items():
@@ -92,19 +95,19 @@ def checkpoint_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
     folder = Path(folder)
     index = folder / INDEX_NAME
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted({str(v) for v in weight_map.values()})
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise LlmsparseError(f"{index}: not a valid safetensors index (no weight_map): file edited or "
-                                 "corrupt") from None
+        weight_map = read_json(index, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise LlmsparseError(f"{index}: not a valid safetensors index (no weight_map of tensor names to files): "
+                                 "file edited or corrupt")
+        files = sorted(set(weight_map.values()))
         for name in files:
             if Path(name).name != name:
                 raise LlmsparseError(f"{index}: lists {name!r}, which is not a file name inside the folder")
             if not (folder / name).is_file():
                 held = sorted(k for k, v in weight_map.items() if v == name)
-                raise LlmsparseError(f"{held[0]}: the index places it (and {len(held) - 1} other tensors) in shard "
-                                     f"{name}, which is missing from {folder}: file deleted or mismatched index")
+                raise LlmsparseError(f"{held[0]}: {INDEX_NAME} places it (and {len(held) - 1} other tensors) in "
+                                     f"shard {name}, which is missing from {folder}: file deleted or mismatched "
+                                     f"index")
         return [folder / n for n in files], weight_map
     single = folder / SINGLE_NAME
     if single.is_file():
@@ -125,12 +128,13 @@ def read_folder(folder: Path) -> dict[str, TensorEntry]:
     if weight_map is not None:
         for name, file in weight_map.items():
             if name not in tensors:
-                raise LlmsparseError(f"{name}: the index places it in {file}, which does not hold it: mismatched index")
+                raise LlmsparseError(f"{name}: {INDEX_NAME} places it in {file}, which does not hold it: mismatched "
+                                     f"index")
             if tensors[name].file.name != file:
-                raise LlmsparseError(f"{name}: the index places it in {file} but it is in {tensors[name].file.name}: "
-                                     f"mismatched index")
+                raise LlmsparseError(f"{name}: {INDEX_NAME} places it in {file} but it is in "
+                                     f"{tensors[name].file.name}: mismatched index")
         unlisted = sorted(set(tensors) - set(weight_map))
         if unlisted:
             raise LlmsparseError(f"{unlisted[0]}: in {tensors[unlisted[0]].file.name} but not in the index "
-                                 f"({len(unlisted)} such tensors): mismatched index")
+                                 f"{INDEX_NAME} ({len(unlisted)} such tensors): mismatched index")
     return tensors

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..core.errors import LlmsparseError
+from ..core.folders import read_json
 from ..data.demo import DEMO_MODEL
 from .files import read_folder
 from .placement import Placement, parse_max_memory
@@ -87,7 +88,6 @@ def load_pretrained(source=None, placement: Placement | None = None, *, trust_re
     ``AutoModelForCausalLM``; other keyword arguments (``config``, ``offload_buffers``, ...) go to
     ``from_pretrained``.
     """
-    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     placement = placement or Placement()
@@ -99,7 +99,9 @@ def load_pretrained(source=None, placement: Placement | None = None, *, trust_re
     try:
         model = (model_class or AutoModelForCausalLM).from_pretrained(where, trust_remote_code=trust_remote_code,
                                                                       **kwargs)
-    except (OSError, ValueError, SafetensorError) as e:
+    except _PASS_THROUGH:
+        raise
+    except BaseException as e:  # noqa: BLE001 (see _PASS_THROUGH)
         raise _load_error(source or where, where, e) from e
     if gguf:
         make_serialisable(model)
@@ -118,20 +120,54 @@ def load_tokenizer(source=None, *, gguf_file: str | None = None, trust_remote_co
     try:
         return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code,
                                              **({"gguf_file": gguf} if gguf else {}), **extra)
-    except (OSError, ValueError) as e:
+    except _PASS_THROUGH:
+        raise
+    except BaseException as e:  # noqa: BLE001 (see _PASS_THROUGH)
         raise _load_error(source or where, where, e, what="tokenizer") from e
 
 
-def _load_error(source, where: str, e: Exception, what: str = "model") -> LlmsparseError:
-    """One line for a failed load: the first line of the library's message and what to check."""
-    from safetensors import SafetensorError
+# What transformers, safetensors, tokenizers and sentencepiece raise on files they cannot parse is any exception (a
+# damaged config or tokenizer file surfaces as KeyError, TypeError, RuntimeError, ..., and the Rust panics of the
+# tokenizers library derive from BaseException); all but these become one line. A folder llmsparse wrote does not get
+# here damaged (its checksums are checked first); for any other folder the line names the file when it can.
+_TOKENIZER_FILE = re.compile(r"tokenizer.*|special_tokens_map\.json|added_tokens\.json|chat_template.*|vocab\..*"
+                             r"|merges\.txt")
+_PASS_THROUGH = (LlmsparseError, KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError,
+                 getattr(torch, "OutOfMemoryError", MemoryError))
 
-    if isinstance(e, SafetensorError) and Path(where).is_dir():
-        read_folder(Path(where))  # names the damaged file (truncated, bad header) when it can
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    hint = "check the folder or hub id (offline? set a local folder)" if not Path(where).exists() \
+
+def _load_error(source, where: str, e: BaseException, what: str = "model") -> LlmsparseError:
+    """One line for a failed load: the damaged file when a header or JSON check names it, else the first line of the
+    library's message and what to check."""
+    folder = Path(where)
+    if folder.is_dir():
+        damaged = damaged_file(folder)
+        if damaged is not None:
+            return LlmsparseError(f"could not load {what} {source}: {damaged}")
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    kind = "" if isinstance(e, (OSError, ValueError)) else f"{type(e).__name__}: "
+    tokenizer_files = sorted(p.name for p in folder.glob("*") if _TOKENIZER_FILE.match(p.name)) \
+        if what == "tokenizer" and folder.is_dir() else []
+    if what == "model" and folder.is_dir() and ("mismatched_sizes" in first or "size mismatch" in first):
+        return LlmsparseError(f"could not load model {source}: the weights' shapes are not the ones config.json "
+                              f"describes: config.json or the weights edited, damaged or from another model")
+    hint = "check the folder or hub id (offline? set a local folder)" if not folder.exists() \
+        else f"check the folder's tokenizer files: {', '.join(tokenizer_files)}" if tokenizer_files \
         else "check the folder's files"
-    return LlmsparseError(f"could not load {what} {source}: {first} ({hint})")
+    return LlmsparseError(f"could not load {what} {source}: {kind}{first or type(e).__name__} ({hint})")
+
+
+def damaged_file(folder: Path) -> str | None:
+    """The first problem the cheap checks find in a folder's files (safetensors headers and index, JSON files), as
+    one line naming the file; None when they find none."""
+    checks = [lambda: read_folder(folder)] if any(folder.glob("*.safetensors")) else []
+    checks += [lambda p=p: read_json(p, p.name) for p in sorted(folder.glob("*.json"))]
+    for check in checks:
+        try:
+            check()
+        except LlmsparseError as problem:
+            return str(problem)
+    return None
 
 
 def make_serialisable(model: nn.Module) -> None:
@@ -149,13 +185,6 @@ def make_serialisable(model: nn.Module) -> None:
     for cfg in {id(model.config): model.config, **{id(c): c for c in _sub_configs(model.config)}}.values():
         if hasattr(cfg, "quantization_config"):
             delattr(cfg, "quantization_config")
-
-
-def _sub_configs(config):
-    for key in ("text_config", "decoder"):
-        sub = getattr(config, key, None)
-        if sub is not None and hasattr(sub, "to_dict"):
-            yield sub
 
 
 def _sub_configs(config):

@@ -97,10 +97,11 @@ class MaskedWeight:
 
 
 def masks_from_model(model: nn.Module, manifest: dict | None = None, ignore=()) -> dict[str, MaskedWeight]:
-    """Keep masks read from the weights' zeros: of the modules ``manifest`` lists (an ``llmsparse.json``), or
-    when there is none, of every targeted module that has any zero."""
+    """Keep masks read from the weights' zeros: of the modules ``manifest`` lists (an ``llmsparse.json`` with a
+    ``modules`` table), or when there is none (every llmsparse folder has an llmsparse.json, a pruned one has the
+    table), of every targeted module that has any zero."""
     targets = sparse_targets(model, ignore)
-    if manifest is not None:
+    if manifest is not None and "modules" in manifest:
         listed = list((manifest.get("modules") or {}))
         missing = [n for n in listed if n not in targets]
         if missing:

@@ -36,8 +36,9 @@ class ExportOptions:
     format: str = option("compact", "compact (smallest format per pruned Linear; default) or dense (plain "
                                     "safetensors for other tools)", choices=SAVE_FORMATS)
     max_shard_size: str | None = option(None, "largest weight file, e.g. 5GB (default: transformers')")
-    verify: bool = option(True, "read every compressed byte of a compact input (default; --no-verify: headers, "
-                                "index and shapes only)", flag="--no-verify")
+    verify: bool = option(True, "check every byte of an input folder llmsparse wrote against the checksums in its "
+                                "llmsparse.json (default; --no-verify: headers, index and shapes only)",
+                          flag="--no-verify")
 
     def __post_init__(self):
         check_choice("format", self.format, SAVE_FORMATS, flag=True)
