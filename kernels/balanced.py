@@ -91,8 +91,10 @@ def balanced_nbytes(rows: int, cols: int, keep: int, block: int, element_size: i
 
 
 # A mask is balanced when some kernel-friendly keep:block (keep a power of two <= MAX_KEEP, block <= MAX_BLOCK)
-# holds it with at least MIN_FILL of its slots used: an unstructured mask fits some keep:block only with many empty
-# slots (the bitmap holds it better), a mask pruned with --pattern 8:27 fills 8:27 (all but the dead columns).
+# holds it with at least MIN_FILL of the slots of its full blocks used: an unstructured mask fits some keep:block
+# only with many empty slots (the bitmap holds it better), a mask pruned with --pattern 8:27 fills 8:27 (all but
+# the dead columns; a trailing partial block may keep fewer). A row holds at least two full blocks: one block as
+# wide as the row is row-scope unstructured, which the bitmap holds.
 MAX_KEEP = 64
 MAX_BLOCK = 256
 MIN_FILL = 0.9
@@ -100,9 +102,9 @@ MIN_FILL = 0.9
 
 @functools.lru_cache(maxsize=64)
 def _block_bounds(cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For every block size 2..MAX_BLOCK (at most ``cols``): the first and past-last column of each aligned block of
-    a row ``cols`` wide, and the block size each belongs to, concatenated."""
-    sizes = range(2, min(MAX_BLOCK, cols) + 1)
+    """For every block size 2..MAX_BLOCK (at most ``cols / 2``): the first and past-last column of each aligned
+    block of a row ``cols`` wide, and the block size each belongs to, concatenated."""
+    sizes = range(2, min(MAX_BLOCK, cols // 2) + 1)
     starts = [torch.arange(0, cols, b) for b in sizes]
     owner = torch.cat([torch.full((len(s),), b) for b, s in zip(sizes, starts)])
     starts = torch.cat(starts)
@@ -112,13 +114,13 @@ def _block_bounds(cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def fit_balanced(keep_mask: torch.Tensor, element_size: int = 2, sample_rows: int = 64) -> tuple[int, int] | None:
     """The smallest kernel-friendly balanced ``(keep, block)`` that holds ``keep_mask``, or None if it is not balanced.
 
-    Every block size up to ``MAX_BLOCK`` is tried at once on a sample of rows (one prefix sum along the columns; the
-    count of each aligned block is a difference of two of its entries): ``keep`` is the next power of two of the
-    largest count, and the ``(keep, block)`` of fewest bytes (``balanced_nbytes``) wins if it fills ``MIN_FILL`` of
-    its slots. The winner is then checked on every row.
+    Every block size up to ``MAX_BLOCK`` (and half a row) is tried at once on a sample of rows (one prefix sum
+    along the columns; the count of each aligned block is a difference of two of its entries): ``keep`` is the next
+    power of two of the largest count, and the ``(keep, block)`` of fewest bytes (``balanced_nbytes``) wins if its
+    full blocks fill ``MIN_FILL`` of their slots. The winner is then checked on every row.
     """
     rows, cols = keep_mask.shape
-    if not rows or cols < 2:
+    if not rows or cols < 4:
         return None
     sample = keep_mask[:: max(1, rows // sample_rows)]
     prefix = torch.nn.functional.pad(sample.cumsum(1, dtype=torch.int32), (1, 0))
@@ -126,22 +128,27 @@ def fit_balanced(keep_mask: torch.Tensor, element_size: int = 2, sample_rows: in
     counts = (prefix[:, ends] - prefix[:, starts]).amax(0)
     most = torch.zeros(MAX_BLOCK + 1, dtype=torch.int32, device=keep_mask.device)
     most = most.scatter_reduce(0, owner, counts, "amax").tolist()
-    sample_kept = int(prefix[:, -1].sum())
-    best = None
-    for block in range(2, min(MAX_BLOCK, cols) + 1):
+    kept_before = prefix.sum(0).tolist()  # kept weights of the sample left of each column
+    candidates = []
+    for block in range(2, min(MAX_BLOCK, cols // 2) + 1):
         keep = 1 << max(0, (most[block] - 1).bit_length())
-        if keep >= block or keep > MAX_KEEP or sample_kept < MIN_FILL * sample.shape[0] * -(-cols // block) * keep:
-            continue
-        size = balanced_nbytes(rows, cols, keep, block, element_size)
-        if best is None or size < best[0]:
-            best = (size, keep, block)
-    if best is None:
-        return None
-    _, keep, block = best
+        full = cols - cols % block
+        slots = sample.shape[0] * (full // block) * keep
+        if keep < block and keep <= MAX_KEEP and kept_before[full] >= MIN_FILL * slots:
+            candidates.append((balanced_nbytes(rows, cols, keep, block, element_size), -kept_before[full] / slots,
+                               block, keep))
+    for _, _, block, keep in sorted(candidates)[:4]:  # fewest bytes, then fullest, then the smaller block
+        if _holds(keep_mask, keep, block):
+            return keep, block
+    return None
+
+
+def _holds(keep_mask: torch.Tensor, keep: int, block: int) -> bool:
+    """Whether every block of ``block`` columns keeps at most ``keep`` and the full ones fill ``MIN_FILL``."""
+    rows, cols = keep_mask.shape
     full = cols - cols % block
     counts = keep_mask[:, :full].reshape(rows, -1, block).sum(-1, dtype=torch.int32)
+    most = int(counts.max())
     if full < cols:
-        counts = torch.cat([counts, keep_mask[:, full:].sum(-1, dtype=torch.int32, keepdim=True)], 1)
-    if int(counts.max()) > keep or int(counts.sum()) < MIN_FILL * rows * counts.shape[1] * keep:
-        return None
-    return keep, block
+        most = max(most, int(keep_mask[:, full:].sum(-1, dtype=torch.int32).max()))
+    return most <= keep and int(counts.sum()) >= MIN_FILL * counts.numel() * keep
