@@ -123,6 +123,15 @@ def run(backend: str, x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> 
     raise LlmsparseError(f"unknown SparseLinear backend {backend!r}: use one of {', '.join(BACKENDS)}")
 
 
+def _kernels_fast_here(device: torch.device) -> bool:
+    """Whether the auto route considers the kernels: on CUDA (the interpreter checks kernels, it is no CPU path)."""
+    return device.type == "cuda" and _triton.can_run(device)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def route(x: torch.Tensor, weight, bias: Optional[torch.Tensor], backend: str = "auto",
           cusparselt: bool = True) -> str:
     """The backend ``x @ W.T + bias`` runs on (``backend`` itself unless ``"auto"``), timing candidates if needed.
@@ -135,7 +144,7 @@ def route(x: torch.Tensor, weight, bias: Optional[torch.Tensor], backend: str = 
     """
     if backend != "auto":
         return backend
-    if x.device.type != "cuda" or not _triton.can_run(x.device):
+    if not _kernels_fast_here(x.device):
         return "dense"
     from .ops import SKINNY_MAX_M, _next_pow2
 
@@ -148,7 +157,7 @@ def route(x: torch.Tensor, weight, bias: Optional[torch.Tensor], backend: str = 
     else:
         key = (weight.FORMAT, *weight.shape, str(x.dtype), str(x.device), _next_pow2(m))
         choice = dispatch.decided(key)
-        if choice is None and torch.cuda.is_current_stream_capturing():
+        if choice is None and _capturing():
             return "triton"  # nothing is timed or copied during a capture: warm up before capturing
         if choice is None:
             x2 = x.reshape(-1, weight.shape[1])
@@ -159,7 +168,10 @@ def route(x: torch.Tensor, weight, bias: Optional[torch.Tensor], backend: str = 
             choice = dispatch.choose(key, candidates, x.device)
             if choice != "cusparselt":
                 _SEMI.pop(id(weight.values), None)
-    if choice == "dense" and isinstance(weight, BitmapWeight) and torch.cuda.is_current_stream_capturing():
+        if choice == "cusparselt" and not _semi_candidate(weight, cusparselt):  # another module's decision
+            timings = dispatch.choices()[key][1]
+            choice = min((b for b in timings if b != "cusparselt"), key=timings.get, default="triton")
+    if choice == "dense" and isinstance(weight, BitmapWeight) and _capturing():
         return "triton"  # decompressing a bitmap synchronises (boolean-mask indexing), which a capture forbids
     return choice
 
@@ -186,7 +198,8 @@ def sparse_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, ex
                              f"{values.dtype}: cast the input")
     weight = weight_from(values, index, extra, fmt, shape, params)
     out = run(route(x, weight, bias, backend, cusparselt), x, weight, bias)
-    return out if out.dtype == x.dtype else out.to(x.dtype)
+    # the fake's layout: a compiled graph may rely on it (torch's semi-structured product can return a transpose)
+    return out.to(x.dtype).contiguous()
 
 
 @sparse_linear.register_fake

@@ -242,3 +242,39 @@ def test_sparsify_chooses_balanced_for_a_balanced_mask():
     model2 = llama_64()
     prune_decoder(model2, "balanced")
     assert sparsify(model2, formats=("2:4", "bitmap")).totals()["by_format"] == {"2:4": 0, "bitmap": 14, "dense": 1}
+
+
+# -- the auto route on a GPU, driven on CPU: the kernels made "fast here", a capture simulated ---------------------
+
+
+@interpreter
+def test_auto_route_by_format_and_m(monkeypatch):
+    from llmsparse.kernels import dispatch
+
+    monkeypatch.setattr(library, "_kernels_fast_here", lambda device: True)
+    monkeypatch.setattr(dispatch, "_CHOICES", {})
+    weights = {p: F.compress(w, w != 0, f, (16, 32)) for p, f in (("2:4", "2:4"), ("bitmap", "bitmap"),
+                                                                   ("balanced", "balanced:8:27"))
+               for w in [pruned_linear(p).weight.detach()]}
+    route = lambda m, p: library.route(torch.randn(m, 300), weights[p], None)  # noqa: E731
+    assert [route(m, "2:4") for m in (1, 64)] == ["triton", "triton"]
+    assert route(1, "balanced") == "triton" and route(65, "balanced") == "dense"  # no tl.dot path
+    assert route(16, "balanced") in ("triton", "dense") and route(100, "bitmap") in ("triton", "dense")
+    timed = {key[0]: choice for key, (choice, _) in dispatch.choices().items()}
+    assert set(timed) == {"balanced", "bitmap"}  # M 2..64 for balanced, > 64 for the others
+    assert [len(t) for _, t in dispatch.choices().values()] == [2, 2]  # triton and dense both ran (cuSPARSELt: GPU)
+    assert library.route(torch.randn(100, 300), weights["2:4"], None, backend="dense") == "dense"
+
+    # during a capture: nothing is timed, an undecided shape takes Triton, a bitmap's dense choice too
+    monkeypatch.setattr(library, "_capturing", lambda: True)
+    assert route(200, "2:4") == "triton" and not any(k[0] == "nm" for k in dispatch.choices())
+    bitmap_key = next(k for k in dispatch.choices() if k[0] == "bitmap")
+    dispatch._CHOICES[bitmap_key] = ("dense", {})
+    assert route(100, "bitmap") == "triton"
+    assert route(100, "balanced") == "dense"  # a balanced weight decompresses without a host sync
+
+    # a cuSPARSELt decision another module made does not bind a module that refuses that path
+    monkeypatch.setattr(library, "_capturing", lambda: False)
+    nm_key = ("nm", 37, 300, "torch.float32", "cpu", 128)
+    dispatch._CHOICES[nm_key] = ("cusparselt", {"cusparselt": 1.0, "dense": 3.0, "triton": 2.0})
+    assert library.route(torch.randn(100, 300), weights["2:4"], None, cusparselt=False) == "triton"

@@ -83,7 +83,10 @@ class SparseLinear(nn.Module):
     ``backend``: ``auto`` (by M and device, see module doc), or force ``triton``, ``dense`` or ``cusparselt``.
     ``cusparselt``: ``"auto"`` lets the large-M timing consider torch's semi-structured path (2:4 only; the extra
     copy it needs is kept only if it wins), ``False`` never uses it. ``cache_dense`` keeps the decompressed weight
-    for the dense fallback instead of rebuilding it per call (faster on CPU, but dense memory).
+    for the dense fallback instead of rebuilding it per call (faster on CPU, but dense memory; eager mode only).
+
+    The compressed tensors are buffers and frozen: gradients reach the input and the bias (``llmsparse::sparse_linear``
+    has an autograd formula), and a forward with gradients enabled refuses buffers that require grad.
     """
 
     def __init__(self, weight: fmts.SparseWeight, bias: torch.Tensor | None = None, *, backend: str = "auto",
@@ -109,7 +112,7 @@ class SparseLinear(nn.Module):
         self.cusparselt = cusparselt
         self.cache_dense = cache_dense
         self.module_type = module_type  # what it stands for: "Linear", or transformers' "Conv1D" (stored [in, out])
-        self._dense = self._format = self._kernel_weight_cache = None
+        self._dense = self._format = None
 
     @classmethod
     def from_linear(cls, linear: nn.Module, fmt: str | None = None, mask: torch.Tensor | None = None,
@@ -143,16 +146,7 @@ class SparseLinear(nn.Module):
         """The compressed weight as a format object over this module's buffers (cached until they move)."""
         if self._format is None or any(getattr(self._format, n) is not getattr(self, n) for n in self._names):
             self._format = fmts.from_tensors({n: getattr(self, n) for n in self._names}, self.format_meta, check=False)
-            self._kernel_weight_cache = None
         return self._format
-
-    def _kernel_weight(self):
-        weight = self.weight_format
-        if self._kernel_weight_cache is None:
-            from ..kernels.ops import KernelWeight
-
-            self._kernel_weight_cache = KernelWeight(weight)
-        return self._kernel_weight_cache
 
     @property
     def nbytes(self) -> int:
@@ -197,7 +191,7 @@ class SparseLinear(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         """Casts and moves reach the buffers; caches are dropped and a bitmap re-packed if a cast misaligned it."""
-        self._dense = self._format = self._kernel_weight_cache = None
+        self._dense = self._format = None
         out = super()._apply(fn, *args, **kwargs)
         weight = self.weight_format
         if isinstance(weight, BitmapWeight):
