@@ -106,21 +106,29 @@ def test_forced_triton_backend_compiles_and_runs_the_kernels():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
-def test_cuda_graph_capture_of_a_sparsified_decode_step():
-    """A CUDA graph captures the decode step (M = 1: the Triton kernels) and a large-M step (the timed choice, made
-    before the capture or defaulting to Triton during it), and replays them with new inputs."""
-    model = sparsified().to("cuda", torch.bfloat16)
-    assert all(m.values.is_cuda for m in model.modules() if isinstance(m, SparseLinear))
-    for ids in (IDS[:1, :1].cuda(), torch.randint(0, 128, (1, 96), device="cuda")):
-        static = ids.clone()
+@pytest.mark.parametrize("m", [1, 16, 96])
+def test_cuda_graph_capture_of_sparse_layers(m):
+    """A CUDA graph captures sparse layers of every format at decode (M = 1: the Triton kernels), skinny and large
+    M (the timed choice, made during warm-up: nothing is timed inside a capture), and replays them on new inputs."""
+    torch.manual_seed(0)
+    layers = []
+    for i, (rows, cols) in enumerate([(256, 128), (128, 256), (256, 128)]):
+        linear = torch.nn.Linear(cols, rows)
         with torch.no_grad():
-            for _ in range(2):  # warm up (autotuning, timing) outside the capture
-                model(static, use_cache=False)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = model(static, use_cache=False).logits
-            fresh = torch.randint(0, 128, ids.shape, device="cuda")
-            static.copy_(fresh)
-            graph.replay()
-            torch.testing.assert_close(out, model(fresh, use_cache=False).logits, rtol=2e-2, atol=2e-2)
+            linear.weight.mul_(MASKS[i](linear.weight.abs()))
+        layers.append(SparseLinear.from_linear(linear))
+    model = torch.nn.Sequential(*layers).to("cuda", torch.bfloat16)
+    assert [m.format_meta["format"] for m in model] == ["nm", "bitmap", "balanced"]
+    static = torch.randn(m, 128, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        for _ in range(2):  # warm up outside the capture: autotuning, the large-M timing
+            model(static)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(static)
+        fresh = torch.randn(m, 128, device="cuda", dtype=torch.bfloat16)
+        static.copy_(fresh)
+        graph.replay()
+        reference = model(fresh)
+    torch.testing.assert_close(out, reference, rtol=2e-2, atol=2e-2)
