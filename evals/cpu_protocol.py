@@ -84,6 +84,9 @@ def _grid() -> dict[str, dict]:
     for name in HEADLINE:
         for seed in SEEDS[1:]:
             rows[f"{name}_seed{seed}"] = {**rows[name], "seed": seed}
+    # issue 18: the balanced 8:27 pattern (70.4%, the balanced decode kernel's format) against 70% unstructured
+    rows["sparsegpt_8of27"] = {"method": "sparsegpt", "pattern": "8:27"}
+    rows["sparsegpt_refit_8of27"] = {"method": "sparsegpt", "pattern": "8:27", "refine": "refit"}
     # Float-noise probe: the same settings with one torch thread, so only the order of float reductions changes.
     rows["sparsegpt_70_1thread"] = {**rows["sparsegpt_70"], "threads": 1}
     rows["wanda_70_1thread"] = {**rows["wanda_70"], "threads": 1}

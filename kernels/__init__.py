@@ -1,13 +1,13 @@
 """Sparse weight formats and Triton GEMM kernels, installed as ``llmsparse.kernels``.
 
 ``formats`` (pure torch) defines the compressed layouts; ``ops`` (needs Triton, imported lazily) runs
-``y = x @ W.T + b`` straight from them.
+``y = x @ W.T + b`` straight from them; ``library`` wraps that as the custom op ``llmsparse::sparse_linear``.
 """
 
 if __name__ == "llmsparse.kernels":
-    from .formats import BitmapWeight, NMWeight, SparseWeight, compress, from_tensors
+    from .formats import BalancedWeight, BitmapWeight, NMWeight, SparseWeight, compress, from_tensors
 
-    __all__ = ["BitmapWeight", "NMWeight", "SparseWeight", "compress", "from_tensors"]
+    __all__ = ["BalancedWeight", "BitmapWeight", "NMWeight", "SparseWeight", "compress", "from_tensors"]
 else:
     # Imported as a top-level ``kernels`` because the repository root is on sys.path (``python -m pytest`` run
     # from it). That name belongs to the Hugging Face package, which transformers imports when it is installed:

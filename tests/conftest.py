@@ -101,3 +101,21 @@ def load_pair(source, **placement):
 def stories():
     """The real stories260K model and tokenizer from the shared assets."""
     return load_pair(str(need(STORIES)))
+
+
+def without_checksums(folder, out=None):
+    """The folder (or a copy of it at ``out``) as another tool writes it: no llmsparse.json, config.json not naming
+    one, so only the format's own checks apply."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    folder = Path(folder)
+    if out is not None:
+        shutil.copytree(folder, out)
+        folder = Path(out)
+    (folder / "llmsparse.json").unlink()
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("llmsparse_checksums", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import without_checksums
 
 KINDS = ("bitflip", "run", "truncate", "swap")
 TEXT = "Once upon a time, there was a little girl named Lily. She loved to play outside."
@@ -56,16 +57,6 @@ def make_folders(root: Path) -> dict[str, tuple[Path, Path]]:
             out.setdefault(fmt, []).append(folder)
         out.setdefault("foreign", []).append(without_checksums(out["dense"][-1], root / f"foreign-{method}"))
     return {fmt: tuple(pair) for fmt, pair in out.items()}
-
-
-def without_checksums(folder: Path, out: Path) -> Path:
-    """A copy of a dense folder as another tool would write it: no llmsparse.json, config.json not naming one."""
-    shutil.copytree(folder, out)
-    (out / "llmsparse.json").unlink()
-    config = json.loads((out / "config.json").read_text())
-    config.pop("llmsparse_checksums", None)
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return out
 
 
 def header_end(path: Path) -> int:

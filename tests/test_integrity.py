@@ -12,7 +12,7 @@ import struct
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_model, without_checksums
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_sparse import prune_model
@@ -36,15 +36,6 @@ def saved(tmp_path_factory):
     modules = json.loads((out / "config.json").read_text())["quantization_config"]["sparsity_config"]["modules"]
     assert modules[NM]["format"] == "2:4" and modules[BITMAP]["format"] == "bitmap"
     return without_checksums(out)
-
-
-def without_checksums(folder):
-    """The folder as transformers' ``save_pretrained`` writes it: no llmsparse.json, no checksums named in config."""
-    (folder / "llmsparse.json").unlink()
-    config = json.loads((folder / "config.json").read_text())
-    del config["llmsparse_checksums"]
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    return folder
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 """The compact checkpoint layout: each pruned Linear's ``SparseLinear`` buffers, saved under the module's name.
 
 The file format is the in-memory format, serialised: a module stored as 2:4 holds ``<name>.values`` and
-``<name>.indices``, a bitmap module ``<name>.values``, ``<name>.bitmap`` and ``<name>.offsets`` (the tensors of
+``<name>.indices``, a bitmap module ``<name>.values``, ``<name>.bitmap`` and ``<name>.offsets``, a balanced module
+``<name>.values``, ``<name>.lo`` and (blocks over 16 columns) ``<name>.hi`` (the tensors of
 ``llmsparse.kernels.formats``), every other tensor is written as transformers writes it. ``sparsity_config``
 (version ``CHECKPOINT_VERSION``) lists every prunable module with its stored format, the format's own metadata
 (``layout``, versioned by the kernels), the dtype, shape and CRC-32 of each stored tensor, and its non-zeros.
@@ -21,6 +22,7 @@ from torch import nn
 from ..core.errors import LlmsparseError
 from ..core.folders import QUANT_METHOD
 from ..inference.sparse_linear import DTYPES, SparseLinear
+from ..inference.sparse_linear import choose_format as choose_sparse_format
 from ..kernels import formats as fmts
 from ..models.files import CODE_OF, DTYPE_CODES, read_folder
 from ..models.structure import is_prunable, replace_module, shared_weights, weight_matrix
@@ -32,7 +34,8 @@ _MISSING = object()
 
 
 def choose_format(weight: torch.Tensor, keep: torch.Tensor, tile=fmts.DEFAULT_TILE):
-    """``(name, compressed or None, reason)``: the smallest of 2:4 (when the mask fits), bitmap and dense.
+    """``(name, compressed or None, reason)``: the smallest of 2:4 (when the mask fits), bitmap and dense, with a
+    balanced mask stored balanced instead of as a bitmap (see ``inference.sparse_linear.choose_format``).
 
     On a tie the faster format wins (2:4, then dense). A bitmap is only built when its ideal size (kept values and
     one bit per weight, a lower bound of its real size) could beat the best so far.
@@ -43,18 +46,23 @@ def choose_format(weight: torch.Tensor, keep: torch.Tensor, tile=fmts.DEFAULT_TI
         return "dense", None, "no zeros"
     if weight.dtype not in DTYPES:
         return "dense", None, f"dtype {weight.dtype} has no sparse format"
-    best, best_bytes = None, dense
+    best, best_bytes, why = None, dense, "smallest fitting format"
     if check_nm(keep, 2, 4):
         nm = fmts.compress(weight, keep, "2:4")
         if nm.nbytes < best_bytes:
             best, best_bytes = nm, nm.nbytes
-    if kept * weight.element_size() + -(-weight.numel() // 8) < best_bytes:
+    fmt, _, reason = choose_sparse_format(weight, keep, ("balanced", "bitmap"), tile)
+    if fmt.startswith("balanced"):
+        balanced = fmts.compress(weight, keep, fmt)
+        if balanced.nbytes < best_bytes:
+            best, best_bytes, why = balanced, balanced.nbytes, reason
+    elif kept * weight.element_size() + -(-weight.numel() // 8) < best_bytes:
         bitmap = fmts.compress(weight, keep, "bitmap", tile)
         if bitmap.nbytes < best_bytes:
             best, best_bytes = bitmap, bitmap.nbytes
     if best is None:
         return "dense", None, "no sparse format is smaller than dense"
-    return best.name, best, f"smallest fitting format ({best_bytes / dense:.3f} of dense)"
+    return best.name, best, f"{why} ({best_bytes / dense:.3f} of dense)"
 
 
 def _entry(module_type: str, weight_shape, dtype: torch.dtype, nnz: int, fmt: str, reason: str,

@@ -21,7 +21,23 @@ from ..kernels import formats as fmts
 from ..models.files import DTYPE_CODES, TensorEntry
 
 # Tensor names each stored format is made of, in the order ``to_tensors`` returns them.
-FORMAT_TENSORS = {"nm": ("values", "indices"), "bitmap": ("values", "bitmap", "offsets")}
+FORMAT_TENSORS = {"nm": ("values", "indices"), "bitmap": ("values", "bitmap", "offsets"),
+                  "balanced": ("values", "lo", "hi")}
+
+
+def format_tensors(name: str, layout: dict) -> tuple:
+    """The tensors a module stored in ``layout`` is made of: ``FORMAT_TENSORS``, less a balanced format's ``hi``
+    plane when its offsets fit in 32 bits per group of 8 (blocks of at most 16 columns)."""
+    kind = layout.get("format")
+    parts = FORMAT_TENSORS[kind]
+    if kind == "balanced":
+        try:
+            _, block = fmts.BalancedWeight.check(layout.get("keep"), layout.get("block"))
+        except LlmsparseError as e:
+            raise LlmsparseError(f"{name}: {e}: config.json edited") from None
+        if not fmts.BalancedWeight.hi_bits(block):
+            parts = parts[:2]
+    return parts
 
 
 def _describe(entry: dict) -> str:
@@ -58,7 +74,7 @@ def check_structure(modules: dict, tensors: dict[str, TensorEntry]) -> None:
                                  f"llmsparse reads version {fmts.FORMAT_VERSION}): upgrade llmsparse")
         declared = entry.get("tensors") or {}
         meta = {}
-        for part in FORMAT_TENSORS[kind]:
+        for part in format_tensors(name, layout):
             key = f"{name}.{part}"
             want = declared.get(part)
             if want is None:
@@ -108,7 +124,7 @@ def check_contents(modules: dict, tensors: dict[str, TensorEntry]) -> None:
                 continue
             layout = entry["layout"]
             parts = {}
-            for part in FORMAT_TENSORS[layout["format"]]:
+            for part in format_tensors(name, layout):
                 key = f"{name}.{part}"
                 found = tensors[key]
                 if found.file not in maps:

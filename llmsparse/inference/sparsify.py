@@ -1,4 +1,4 @@
-"""``sparsify(model)``: swap every pruned Linear for a ``SparseLinear`` in its smallest fitting format, in place.
+"""``sparsify(model)``: swap every pruned Linear for a ``SparseLinear`` in the format that fits it, in place.
 
 A sparsified model is a compact model in memory: it carries the same transformers quantization config and
 quantizer as one loaded from a compact folder, so ``model.save_pretrained(d)`` writes a compact folder that
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from ..core.errors import LlmsparseError
@@ -17,8 +16,7 @@ from ..core.folders import QUANT_METHOD
 from ..kernels import formats as fmts
 from ..kernels.formats import BitmapWeight
 from ..models.structure import is_prunable, replace_module, shared_weights, weight_matrix
-from ..pruning.masks import check_nm
-from .sparse_linear import DTYPES, SPARSIFY_FORMATS, SparseLinear
+from .sparse_linear import DTYPES, SPARSIFY_FORMATS, SparseLinear, choose_format
 
 
 @dataclass
@@ -26,7 +24,7 @@ class SparsifyEntry:
     """What ``sparsify`` did with one prunable module."""
 
     name: str
-    format: str  # "2:4", "bitmap" or "dense"
+    format: str  # "2:4", "balanced", "bitmap" or "dense"
     shape: tuple
     sparsity: float
     dense_bytes: int
@@ -58,7 +56,12 @@ class SparsifyReport:
                 "swapped_dense_bytes": sum(e.dense_bytes for e in swapped),
                 "swapped_bytes": sum(e.bytes for e in swapped),
                 "swapped_ideal_bytes": sum(e.ideal_bytes for e in swapped),
-                "by_format": {f: sum(e.format == f for e in self.entries) for f in (*SPARSIFY_FORMATS, "dense")}}
+                "by_format": {f: sum(e.format == f for e in self.entries) for f in self._kinds()}}
+
+    def _kinds(self) -> tuple:
+        """Formats counted in ``by_format``: 2:4, bitmap and dense always, balanced when some module holds it."""
+        used = any(e.format == "balanced" for e in self.entries)
+        return ("2:4", *(("balanced",) if used else ()), "bitmap", "dense")
 
     def to_json(self) -> dict:
         return {"totals": self.totals(), "modules": {e.name: e.to_json() for e in self.entries}}
@@ -71,43 +74,34 @@ class SparsifyReport:
                 f"{t['dense_bytes'] / 2**20:.1f} MiB -> {t['bytes'] / 2**20:.1f} MiB ({ratio:.3f}x)")
 
 
-def _estimate_bitmap(weight: torch.Tensor, keep: torch.Tensor, tile) -> int:
-    """Bytes a bitmap would take (kept values + bits + offsets + average tile padding), without building it."""
-    rows, cols = weight.shape
-    tr, tc = tile
-    tiles = -(-rows // tr) * -(-cols // tc)
-    align = BitmapWeight.alignment(weight.dtype)
-    padded_bits = tiles * tr * tc // 8
-    return int(keep.sum()) * weight.element_size() + padded_bits + tiles * (4 + align * weight.element_size() // 2)
-
-
-def _choose(weight, keep, wanted, min_saving, tile) -> tuple[str, str]:
-    """(format, reason) for one weight."""
-    dense = weight.numel() * weight.element_size()
+def _choose(weight, keep, wanted, min_saving, tile) -> tuple[str, str, str]:
+    """(kind, fmt, reason) for one weight: kind "2:4", "balanced", "bitmap" or "dense", fmt as compress takes it."""
     if bool(keep.all()):
-        return "dense", "no zeros"
-    if "2:4" in wanted and check_nm(keep, 2, 4):
-        return "2:4", "mask fits 2:4"
-    if "bitmap" in wanted:
-        saving = 1 - _estimate_bitmap(weight, keep, tile) / dense
-        if saving >= min_saving:
-            return "bitmap", f"bitmap saves {saving:.1%}"
-        return "dense", f"bitmap would save {saving:.1%} < min_saving {min_saving:.0%}"
-    return "dense", "mask fits none of the formats asked for"
+        return "dense", "dense", "no zeros"
+    fmt, nbytes, reason = choose_format(weight, keep, wanted, tile)
+    kind = fmt.split(":")[0] if fmt.startswith("balanced") else fmt
+    if kind in ("dense", "2:4"):
+        return kind, fmt, reason
+    saving = 1 - nbytes / (weight.numel() * weight.element_size())
+    name = "bitmap" if kind == "bitmap" else fmt.replace("balanced:", "balanced ")
+    if saving >= min_saving:
+        return kind, fmt, f"{name} saves {saving:.1%}" + ("" if kind == "bitmap" else f"; {reason}")
+    return "dense", "dense", f"{name} would save {saving:.1%} < min_saving {min_saving:.0%}"
 
 
 def sparsify(model: nn.Module, formats=SPARSIFY_FORMATS, min_saving: float = 0.1, tile=fmts.DEFAULT_TILE,
              backend: str = "auto", cusparselt="auto") -> SparsifyReport:
     """Swap every pruned Linear/Conv1D of ``model`` for a ``SparseLinear`` in place, and report what it did.
 
-    A weight whose zeros fit 2:4 becomes 2:4; otherwise a bitmap when that saves at least ``min_saving`` of the
-    dense bytes; otherwise it stays dense. Weights shared with another module (tied embeddings) stay dense.
+    A weight whose zeros fit 2:4 becomes 2:4; a balanced mask (e.g. from ``--pattern 8:27``) the balanced format
+    (``choose_format``); otherwise a bitmap when that saves at least ``min_saving`` of the dense bytes; otherwise it
+    stays dense. Weights shared with another module (tied embeddings) stay dense. ``formats`` limits the choice.
     """
     wanted = (formats,) if isinstance(formats, str) else tuple(formats)
     unknown = [f for f in wanted if f not in SPARSIFY_FORMATS]
     if unknown or not wanted:
         raise LlmsparseError(f"sparsify formats must be among {', '.join(SPARSIFY_FORMATS)}, got {list(wanted)} "
-                             f"(other N:M masks are stored as 'bitmap')")
+                             f"(other N:M masks are stored as 'balanced' or 'bitmap')")
     if not (0 <= min_saving < 1):
         raise LlmsparseError(f"min_saving must be a fraction in [0, 1), got {min_saving!r}")
     tile = BitmapWeight.check_tile(tile)
@@ -127,14 +121,14 @@ def sparsify(model: nn.Module, formats=SPARSIFY_FORMATS, min_saving: float = 0.1
             entry.reason = f"dtype {weight.dtype} has no sparse kernel: left dense"
             continue
         keep = weight != 0
-        fmt, entry.reason = _choose(weight, keep, wanted, min_saving, tile)
-        if fmt == "dense":
+        kind, fmt, entry.reason = _choose(weight, keep, wanted, min_saving, tile)
+        if kind == "dense":
             continue
         sparse = SparseLinear.from_linear(module, fmt, keep, tile, backend=backend, cusparselt=cusparselt)
         if type(module).__name__ == "Conv1D":
             entry.reason += "; Conv1D (stored [in, out]) now computes the same x @ W.T"
         replace_module(model, name, sparse)
-        entry.format, entry.bytes, entry.ideal_bytes = fmt, sparse.nbytes, sparse.weight_format.ideal_nbytes()
+        entry.format, entry.bytes, entry.ideal_bytes = kind, sparse.nbytes, sparse.weight_format.ideal_nbytes()
     if report.swapped:
         mark_compact(model)
     return report

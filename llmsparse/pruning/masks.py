@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.balanced import block_mask
+
 
 def pruned_count(n: int, sparsity: float) -> int:
     """How many of ``n`` weights to prune for ``sparsity``: the nearest integer (ties to even)."""
@@ -39,23 +41,11 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep the ``n`` highest scores in every group of ``m`` consecutive columns of each row.
 
     A trailing partial group of ``r < m`` columns keeps at most ``n`` of them, as if the row were zero-padded to a
-    multiple of ``m`` (so the result always fits an N:M format with padding).
+    multiple of ``m`` (so the result always fits an N:M format with padding). With a large ``m`` (e.g. 8:27) the
+    mask is a balanced one and ``sparsify`` / compact checkpoints store it in ``kernels.formats.BalancedWeight``;
+    the selection is ``kernels.balanced.block_mask``, shared with ``balanced_mask``.
     """
-    rows, cols = scores.shape
-    full = cols - cols % m
-    keep = torch.zeros_like(scores, dtype=torch.bool)
-    if full:
-        groups = scores[:, :full].reshape(rows, full // m, m)
-        idx = torch.topk(groups, n, dim=2, largest=True, sorted=False).indices
-        keep[:, :full] = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, idx, True).reshape(rows, full)
-    rest = cols - full
-    if rest:
-        if rest <= n:
-            keep[:, full:] = True
-        else:
-            idx = torch.topk(scores[:, full:], n, dim=1, largest=True, sorted=False).indices
-            keep[:, full:].scatter_(1, idx, True)
-    return keep
+    return block_mask(scores, n, m)
 
 
 def check_nm(keep: torch.Tensor, n: int, m: int) -> bool:
