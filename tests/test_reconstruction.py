@@ -227,8 +227,9 @@ def test_a_preset_fills_only_the_settings_not_given():
 
     best = PruneConfig.from_kwargs(preset="best", sparsity=0.7)
     assert {k: getattr(best, k) for k in PRESETS["best"]} == PRESETS["best"]
-    mine = PruneConfig.from_kwargs(preset="best", pattern="2:4", block_steps=3, method="sparsegpt")
-    assert (mine.method, mine.block_steps, mine.allocation, mine.target) == ("sparsegpt", 3, "uniform", "dense")
+    mine = PruneConfig.from_kwargs(preset="best", pattern="2:4", block_steps=3, method="sparsegpt", target="dense")
+    assert (mine.method, mine.block_steps, mine.allocation, mine.refine, mine.target) == \
+        ("sparsegpt", 3, "uniform", "refit", "dense")
     step = STEPS["prune"].build({"preset": "best", "pattern": "4:8"})[PruneConfig]
     assert (step.method, step.allocation, step.refine) == ("admm", "uniform", "refit")
     with pytest.raises(llmsparse.LlmsparseError, match="--preset"):
