@@ -234,3 +234,12 @@ def test_a_preset_fills_only_the_settings_not_given():
     assert (step.method, step.allocation, step.refine) == ("admm", "uniform", "refit")
     with pytest.raises(llmsparse.LlmsparseError, match="--preset"):
         PruneConfig.from_kwargs(preset="bestest")
+
+
+def test_the_summary_says_what_block_steps_and_teacher_targets_did():
+    report = llmsparse.prune(tiny_model("llama"), method="sparsegpt", sparsity=0.6, target="dense", block_steps=3,
+                             calibration=random_tokens(4, 32), device="cpu", progress=False)
+    summary = report.summary()
+    assert "block steps: kept in" in summary and f"of {len(report.layers)} layers" in summary
+    assert "dense-teacher targets on mlp.down_proj, self_attn.o_proj" in summary
+    assert all(layer["block"]["steps"] >= 3 for layer in report.layers)

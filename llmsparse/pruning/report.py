@@ -84,6 +84,16 @@ class PruneReport(RunReport):
             swaps = f"{r['swaps']:,} swaps, " if name == "dsnot" else ""
             lines.append(f"refinement {name}: {swaps}output error {r['error_before']:.4g} -> {r['error_after']:.4g} "
                          f"(summed over modules) in {r['seconds']:.1f} s")
+        blocks = [layer["block"] for layer in self.layers if layer.get("block", {}).get("steps")]
+        if blocks:
+            kept = [b for b in blocks if not b.get("reverted")]
+            fell = [b["check_after"] / b["check_before"] for b in kept if b.get("check_before")]
+            change = f", check loss x{sum(fell) / len(fell):.3f} on average" if fell else ""
+            lines.append(f"block steps: kept in {len(kept)} of {len(blocks)} layers{change}, "
+                         f"{sum(b['seconds'] for b in blocks):.1f} s")
+        teachers = sorted({n for layer in self.layers for n in layer.get("teacher_modules", ())})
+        if teachers:
+            lines.append(f"dense-teacher targets on {', '.join(teachers)}")
         if self.skipped:
             reasons: dict[str, int] = {}
             for reason in self.skipped.values():
