@@ -11,12 +11,12 @@ declared count of non-zeros. Every refusal is one ``LlmsparseError`` naming the 
 from __future__ import annotations
 
 import mmap
-import zlib
 from pathlib import Path
 
 import torch
 
 from ..core.errors import LlmsparseError
+from ..core.folders import crc32_hex as crc32
 from ..kernels import formats as fmts
 from ..models.files import DTYPE_CODES, TensorEntry
 
@@ -102,11 +102,6 @@ def _rebuild(name: str, tensors: dict, layout: dict, check: bool):
         return fmts.from_tensors(tensors, layout, check=check)
     except LlmsparseError as e:
         raise LlmsparseError(f"{name}: {e}") from None
-
-
-def crc32(data) -> str:
-    """CRC-32 of a bytes-like object (a tensor's bytes as stored), as 8 hex digits."""
-    return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
 
 
 def tensor_crc32(tensor: torch.Tensor) -> str:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import uuid
 from pathlib import Path
 
 from .errors import LlmsparseError
+from .folders import render_json
 
 
 def check_output_dir(out, overwrite: bool) -> Path:
@@ -48,7 +48,7 @@ def write_json(path, data) -> None:
     """JSON with a trailing newline, written to a temporary file and renamed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.write_text(render_json(data))
     os.replace(tmp, path)
 
 
